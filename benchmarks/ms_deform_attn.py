@@ -127,7 +127,7 @@ def main():
         mem = fn.lower(*fn_args).compile().memory_analysis()
         if mem is not None:
             temp = mem.temp_size_in_bytes / 2**20
-            print(f"encoder {pass_name}: XLA temporaries {temp:.1f} MiB = {temp / out_mib:.1f}x "
+            print(f"encoder {pass_name} (batch 1): XLA temporaries {temp:.1f} MiB = {temp / out_mib:.1f}x "
                   f"the output ({out_mib:.1f} MiB)")
 
 if __name__ == "__main__":

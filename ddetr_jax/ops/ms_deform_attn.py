@@ -156,7 +156,8 @@ def _corner_dots(table, planes, rows, grad):
     """
     if rows.size <= table.shape[0]:
         corners = jnp.take(table, rows, axis=0, mode="clip")  # (N, Lq, M, P, 4, D)
-        return jnp.einsum("nqmd,nqmpcd->nqmpc", grad, corners)
+        return jnp.einsum("nqmd,nqmpcd->nqmpc", grad, corners,
+                          precision=jax.lax.Precision.HIGHEST)
     total = jnp.zeros(rows.shape, table.dtype)
     for channel in range(planes.shape[0]):
         total = total + grad[..., channel, None, None] * jnp.take(
