@@ -1,0 +1,155 @@
+"""ResNet backbone with frozen batch norm, returning C3-C5 and their padding masks.
+
+Mirrors torchvision's ResNet v1.5 (stride in the 3x3 conv) as used by the
+authors (models/backbone.py: Backbone, FrozenBatchNorm2d). Images are NHWC.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class FrozenStat(nnx.Variable):
+    """Frozen batch-norm statistics and affine terms: never trained."""
+
+
+RESNET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+class FrozenBatchNorm(nnx.Module):
+    """y = (x - mean) / sqrt(var + 1e-5) * weight + bias, all four frozen."""
+
+    def __init__(self, features: int):
+        self.weight = FrozenStat(jnp.ones((features,), jnp.float32))
+        self.bias = FrozenStat(jnp.zeros((features,), jnp.float32))
+        self.running_mean = FrozenStat(jnp.zeros((features,), jnp.float32))
+        self.running_var = FrozenStat(jnp.ones((features,), jnp.float32))
+
+    def __call__(self, x):
+        scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + 1e-5)
+        shift = self.bias[...] - self.running_mean[...] * scale
+        return x * scale.astype(x.dtype) + shift.astype(x.dtype)
+
+
+def _conv(in_features, out_features, kernel, stride=1, dilation=1, *, rngs):
+    """Bias-free conv with PyTorch padding (dilation * (kernel // 2))."""
+    pad = dilation * (kernel // 2)
+    return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
+                    padding=((pad, pad), (pad, pad)), kernel_dilation=dilation, use_bias=False,
+                    kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                    rngs=rngs)
+
+
+class ConvBN(nnx.Module):
+    def __init__(self, in_features, out_features, kernel, stride=1, dilation=1, *, rngs):
+        self.conv = _conv(in_features, out_features, kernel, stride, dilation, rngs=rngs)
+        self.bn = FrozenBatchNorm(out_features)
+
+    def __call__(self, x):
+        return self.bn(self.conv(x))
+
+
+class Bottleneck(nnx.Module):
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4), projection shortcut when shapes change."""
+
+    expansion = 4
+
+    def __init__(self, in_features, width, stride, dilation, *, rngs):
+        out_features = width * self.expansion
+        self.conv1 = ConvBN(in_features, width, 1, rngs=rngs)
+        self.conv2 = ConvBN(width, width, 3, stride, dilation, rngs=rngs)
+        self.conv3 = ConvBN(width, out_features, 1, rngs=rngs)
+        self.downsample = (ConvBN(in_features, out_features, 1, stride, rngs=rngs)
+                           if stride != 1 or in_features != out_features else None)
+
+    def __call__(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = jax.nn.relu(self.conv1(x))
+        y = jax.nn.relu(self.conv2(y))
+        return jax.nn.relu(self.conv3(y) + shortcut)
+
+
+class BasicBlock(nnx.Module):
+    """3x3 (stride, dilation) -> 3x3 (dilation), for ResNet-18/34."""
+
+    expansion = 1
+
+    def __init__(self, in_features, width, stride, dilation, *, rngs):
+        self.conv1 = ConvBN(in_features, width, 3, stride, dilation, rngs=rngs)
+        self.conv2 = ConvBN(width, width, 3, 1, dilation, rngs=rngs)
+        self.downsample = (ConvBN(in_features, width, 1, stride, rngs=rngs)
+                           if stride != 1 or in_features != width else None)
+
+    def __call__(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = jax.nn.relu(self.conv1(x))
+        return jax.nn.relu(self.conv2(y) + shortcut)
+
+
+def _max_pool_3x3_s2(x):
+    """x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C); PyTorch MaxPool2d(3, 2, 1)."""
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+class ResNet(nnx.Module):
+    """ResNet-{18,34,50,101} trunk returning the outputs of layer2, layer3, layer4.
+
+    dilation=True makes layer4 dilated with stride 1 (DC5: stride 16), as
+    torchvision's replace_stride_with_dilation=[False, False, True]: the first
+    block of layer4 keeps dilation 1, the others use 2.
+    """
+
+    def __init__(self, depth: int = 50, dilation: bool = False, *, rngs: nnx.Rngs):
+        if depth not in RESNET_LAYERS:
+            raise ValueError(f"depth: expected one of {sorted(RESNET_LAYERS)}, got {depth}")
+        block = Bottleneck if depth >= 50 else BasicBlock
+        self.stem = ConvBN(3, 64, 7, 2, rngs=rngs)
+        in_features = 64
+        stages = []
+        for index, (count, width) in enumerate(zip(RESNET_LAYERS[depth], (64, 128, 256, 512))):
+            stride = 1 if index == 0 else 2
+            dilations = [1] * count
+            if index == 3 and dilation:
+                stride, dilations = 1, [1] + [2] * (count - 1)
+            blocks = []
+            for b in range(count):
+                blocks.append(block(in_features, width, stride if b == 0 else 1, dilations[b],
+                                    rngs=rngs))
+                in_features = width * block.expansion
+            stages.append(nnx.List(blocks))
+        self.layers = nnx.List(stages)
+        self.channels = tuple(w * block.expansion for w in (128, 256, 512))
+        self.strides = (8, 16, 16 if dilation else 32)
+
+    def __call__(self, images):
+        """images: (B, H, W, 3) -> [C3 (B, H/8, W/8, c3), C4, C5]."""
+        x = _max_pool_3x3_s2(jax.nn.relu(self.stem(images)))
+        outputs = []
+        for stage in self.layers:
+            for blk in stage:
+                x = blk(x)
+            outputs.append(x)
+        return outputs[1:]
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of every output index, as PyTorch F.interpolate(mode='nearest').
+
+    floor(i * (in / out)) computed in float32, clamped to in - 1.
+    """
+    if in_size == out_size:
+        return np.arange(out_size)
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def resize_mask(pad_mask, height: int, width: int):
+    """pad_mask: (B, H, W) bool -> (B, height, width) nearest-neighbour resize."""
+    rows = nearest_indices(pad_mask.shape[1], height)
+    cols = nearest_indices(pad_mask.shape[2], width)
+    return pad_mask[:, rows][:, :, cols]
