@@ -1,0 +1,1 @@
+"""Datasets and the input pipeline: COCO-format folders, TFDS and synthetic data."""
