@@ -1,0 +1,397 @@
+"""PyTorch checkpoints (the authors' .pth, HuggingFace transformers) -> DeformableDETR.
+
+Two steps, each a table of key patterns:
+  1. HuggingFace names -> the authors' names (the inverse of the published
+     renaming; q/k/v projections fused back into in_proj), so both layouts
+     share one path from here on;
+  2. the authors' names -> this package's module paths, with the tensor
+     transforms (Linear weights transposed, conv weights OIHW -> HWIO, the
+     fused attention in_proj split into q/k/v).
+The variant (levels, refinement, two-stage, classes, depths, widths) is
+inferred from the keys; a model config that contradicts the checkpoint is
+refused with every mismatching key and shape listed at once.
+
+    python -m ddetr_jax.convert SRC.pth DEST_DIR [--num_queries 300 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ddetr_jax.models import DeformableDETR, ModelConfig
+from ddetr_jax.models.backbone import FrozenStat
+
+# The variables a checkpoint holds: parameters and frozen batch-norm terms
+# (nnx.Param, FrozenStat); dropout RNG state is not part of it.
+WEIGHTS = (nnx.Param, FrozenStat)
+IGNORED = re.compile(r"(total_params|total_ops|num_batches_tracked)$")
+
+# (pattern, replacement) applied in order to every HuggingFace key.
+HF_TO_AUTHORS = [
+    (r"^model\.backbone\.(?:conv_encoder\.)?model\.embedder\.embedder\.convolution\.",
+     "backbone.0.body.conv1."),
+    (r"^model\.backbone\.(?:conv_encoder\.)?model\.embedder\.embedder\.normalization\.",
+     "backbone.0.body.bn1."),
+    (r"^model\.backbone\.(?:conv_encoder\.)?model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.",
+     lambda m: f"backbone.0.body.layer{int(m[1]) + 1}.{m[2]}."),
+    (r"^model\.backbone\.conv_encoder\.model\.", "backbone.0.body."),  # timm = torchvision names
+    (r"(backbone\.0\.body\.layer\d\.\d+\.)shortcut\.convolution\.", r"\1downsample.0."),
+    (r"(backbone\.0\.body\.layer\d\.\d+\.)shortcut\.normalization\.", r"\1downsample.1."),
+    (r"(backbone\.0\.body\.layer\d\.\d+\.)layer\.(\d)\.convolution\.",
+     lambda m: f"{m[1]}conv{int(m[2]) + 1}."),
+    (r"(backbone\.0\.body\.layer\d\.\d+\.)layer\.(\d)\.normalization\.",
+     lambda m: f"{m[1]}bn{int(m[2]) + 1}."),
+    (r"^model\.input_proj\.", "input_proj."),
+    (r"^model\.query_position_embeddings\.", "query_embed."),
+    (r"^model\.(level_embed|reference_points|enc_output_norm|enc_output|pos_trans_norm|pos_trans)",
+     r"transformer.\1"),
+    (r"^model\.(encoder|decoder)\.", r"transformer.\1."),
+    (r"(encoder\.layers\.\d+\.)self_attn_layer_norm\.", r"\1norm1."),
+    (r"(encoder\.layers\.\d+\.)final_layer_norm\.", r"\1norm2."),
+    (r"(decoder\.layers\.\d+\.)encoder_attn_layer_norm\.", r"\1norm1."),
+    (r"(decoder\.layers\.\d+\.)self_attn_layer_norm\.", r"\1norm2."),
+    (r"(decoder\.layers\.\d+\.)final_layer_norm\.", r"\1norm3."),
+    (r"(decoder\.layers\.\d+\.)encoder_attn\.", r"\1cross_attn."),
+    (r"(coder\.layers\.\d+\.)(?:mlp\.)?fc([12])\.", r"\1linear\2."),
+    (r"(decoder\.layers\.\d+\.self_attn\.)o_proj\.", r"\1out_proj."),
+]
+
+# (pattern over the authors' names, target path template, transform).
+AUTHORS_TO_JAX = [
+    (r"backbone\.0\.body\.conv1\.weight", "backbone.stem.conv.kernel", "conv"),
+    (r"backbone\.0\.body\.bn1\.(\w+)", r"backbone.stem.bn.\1", None),
+    (r"backbone\.0\.body\.layer(\d)\.(\d+)\.conv(\d)\.weight",
+     lambda m: f"backbone.layers.{int(m[1]) - 1}.{m[2]}.conv{m[3]}.conv.kernel", "conv"),
+    (r"backbone\.0\.body\.layer(\d)\.(\d+)\.bn(\d)\.(\w+)",
+     lambda m: f"backbone.layers.{int(m[1]) - 1}.{m[2]}.conv{m[3]}.bn.{m[4]}", None),
+    (r"backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.0\.weight",
+     lambda m: f"backbone.layers.{int(m[1]) - 1}.{m[2]}.downsample.conv.kernel", "conv"),
+    (r"backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.1\.(\w+)",
+     lambda m: f"backbone.layers.{int(m[1]) - 1}.{m[2]}.downsample.bn.{m[3]}", None),
+    (r"input_proj\.(\d+)\.0\.weight", r"input_proj.\1.conv.kernel", "conv"),
+    (r"input_proj\.(\d+)\.0\.bias", r"input_proj.\1.conv.bias", None),
+    (r"input_proj\.(\d+)\.1\.weight", r"input_proj.\1.norm.scale", None),
+    (r"input_proj\.(\d+)\.1\.bias", r"input_proj.\1.norm.bias", None),
+    (r"query_embed\.weight", "query_embed.embedding", None),
+    (r"transformer\.level_embed", "level_embed", None),
+    (r"transformer\.(encoder|decoder)\.layers\.(\d+)\.linear([12])\.(weight|bias)",
+     r"\1.layers.\2.ffn.linear\3.\4", "linear"),
+    (r"transformer\.decoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)",
+     r"decoder.layers.\1.self_attn.in_proj.\2", "in_proj"),
+    (r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(norm\d)\.weight",
+     r"\1.layers.\2.\3.scale", None),
+    (r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(norm\d)\.bias", r"\1.layers.\2.\3.bias",
+     None),
+    (r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(\w+)\.(\w+)\.(weight|bias)",
+     r"\1.layers.\2.\3.\4.\5", "linear"),
+    (r"transformer\.(reference_points|enc_output|pos_trans)\.(weight|bias)", r"\1.\2", "linear"),
+    (r"transformer\.(enc_output_norm|pos_trans_norm)\.weight", r"\1.scale", None),
+    (r"transformer\.(enc_output_norm|pos_trans_norm)\.bias", r"\1.bias", None),
+    (r"class_embed\.(\d+)\.(weight|bias)", r"class_embed.\1.\2", "linear"),
+    (r"bbox_embed\.(\d+)\.layers\.(\d)\.(weight|bias)", r"bbox_embed.\1.layers.\2.\3", "linear"),
+]
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the requested model; lists every problem."""
+
+
+def _rename(key: str, table) -> str:
+    for pattern, repl in table:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def detect_layout(state_dict: Mapping[str, Any]) -> str:
+    """'huggingface' or 'authors' from the key names."""
+    if any(k.startswith("model.") for k in state_dict):
+        return "huggingface"
+    if any(k.startswith(("backbone.0.body.", "transformer.")) for k in state_dict):
+        return "authors"
+    raise CheckpointMismatch(
+        "checkpoint: neither the authors' layout (backbone.0.body.*, transformer.*) nor "
+        "HuggingFace DeformableDetrForObjectDetection (model.*); first keys: "
+        f"{sorted(state_dict)[:5]}")
+
+
+def to_authors_layout(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HuggingFace keys -> the authors' keys (q/k/v fused back into in_proj)."""
+    out, qkv = {}, {}
+    for key, value in state_dict.items():
+        name = _rename(key, HF_TO_AUTHORS)
+        match = re.fullmatch(r"(.*\.self_attn\.)([qkv])_proj\.(weight|bias)", name)
+        if match and "decoder" in name:
+            qkv.setdefault((match[1], match[3]), {})[match[2]] = value
+        else:
+            out[name] = value
+    for (prefix, kind), parts in qkv.items():
+        out[f"{prefix}in_proj_{kind}"] = np.concatenate([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def _count(keys, pattern: str) -> int:
+    found = {int(m[1]) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_config(sd: Mapping[str, np.ndarray]) -> dict:
+    """Model config values that the checkpoint's keys and shapes determine."""
+    keys = list(sd)
+    blocks = tuple(_count(keys, rf"backbone\.0\.body\.layer{i}\.(\d+)\.") for i in range(1, 5))
+    bottleneck = any(".conv3." in k for k in keys if k.startswith("backbone."))
+    depths = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50,
+              (3, 4, 23, 3, True): 101}
+    inferred = {
+        "num_feature_levels": _count(keys, r"input_proj\.(\d+)\."),
+        "enc_layers": _count(keys, r"transformer\.encoder\.layers\.(\d+)\."),
+        "dec_layers": _count(keys, r"transformer\.decoder\.layers\.(\d+)\."),
+        "two_stage": "transformer.enc_output.weight" in sd,
+        "with_box_refine": any(k.startswith("transformer.decoder.bbox_embed.") for k in keys),
+    }
+    if (blocks + (bottleneck,)) in depths:
+        inferred["backbone_depth"] = depths[blocks + (bottleneck,)]
+    if "class_embed.0.weight" in sd:
+        inferred["num_classes"] = int(sd["class_embed.0.weight"].shape[0])
+    if "transformer.level_embed" in sd:
+        inferred["dim"] = int(sd["transformer.level_embed"].shape[1])
+    if "query_embed.weight" in sd:
+        inferred["num_queries"] = int(sd["query_embed.weight"].shape[0])
+    if "transformer.encoder.layers.0.linear1.weight" in sd:
+        inferred["ffn_dim"] = int(sd["transformer.encoder.layers.0.linear1.weight"].shape[0])
+    return inferred
+
+
+def _transform(kind, value: np.ndarray) -> np.ndarray:
+    if kind == "conv":
+        return np.transpose(value, (2, 3, 1, 0))  # (O, I, kh, kw) -> (kh, kw, I, O)
+    if kind in ("linear", "in_proj") and value.ndim == 2:
+        return value.T  # (out, in) -> (in, out)
+    return value
+
+
+def to_jax_names(sd: Mapping[str, np.ndarray], config) -> tuple[dict, list[str]]:
+    """Authors' keys -> {module path: array}; also returns unused keys.
+
+    Shared heads (no refinement) appear once per decoder layer in the authors'
+    files, and refined heads twice (also under transformer.decoder): each
+    duplicate must equal the copy that is loaded.
+    """
+    out, unused, duplicates = {}, [], []
+    for key, value in sd.items():
+        if IGNORED.search(key):
+            continue
+        if key.startswith(("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")):
+            duplicates.append((key, key[len("transformer.decoder."):]))
+            continue
+        for pattern, repl, kind in AUTHORS_TO_JAX:
+            match = re.fullmatch(pattern, key)
+            if not match:
+                continue
+            path = match.expand(repl) if isinstance(repl, str) else repl(match)
+            if kind == "in_proj":
+                prefix = path.rsplit(".in_proj.", 1)[0]
+                leaf = "kernel" if path.endswith("weight") else "bias"
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3)):
+                    out[f"{prefix}.{name}.{leaf}"] = _transform(kind, part)
+            else:
+                out[path.replace(".weight", ".kernel") if kind == "linear" else path] = (
+                    _transform(kind, value))
+            break
+        else:
+            unused.append(key)
+    if not config.with_box_refine:
+        for head in ("class_embed", "bbox_embed"):
+            pattern = re.compile(rf"^{head}\.(\d+)\.(.*)$")
+            for path in [p for p in out if pattern.match(p)]:
+                index, rest = pattern.match(path).groups()
+                value = out.pop(path)
+                if index == "0":
+                    out[f"{head}.{rest}"] = value
+                else:
+                    duplicates.append((path, f"{head}.{rest}"))
+                    out.setdefault(f"_dup.{path}", value)
+    return out, unused, duplicates
+
+
+def _flatten(tree, prefix="") -> dict:
+    if isinstance(tree, Mapping):
+        flat = {}
+        for k, v in tree.items():
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def _unflatten_into(tree, flat: Mapping[str, Any], prefix=""):
+    if isinstance(tree, Mapping):
+        return {k: _unflatten_into(v, flat, f"{prefix}{k}.") for k, v in tree.items()}
+    return flat[prefix[:-1]]
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A .pth / .bin (torch, weights_only) or .safetensors file -> {key: numpy array}."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint: {path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        return dict(load_file(path))
+    import torch  # only the .pth reader needs torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointMismatch(f"checkpoint: cannot read {path} as a PyTorch file: {err}") \
+            from err
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise CheckpointMismatch(f"checkpoint: {path} holds a {type(obj).__name__}, "
+                                 "expected a state dict or a dict with 'model'")
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in obj.items() if hasattr(v, "numpy")}
+
+
+def load_torch_checkpoint(path_or_state_dict, **model_overrides):
+    """Converts an authors' or HuggingFace checkpoint into a DeformableDETR.
+
+    path_or_state_dict: a .pth / .bin / .safetensors path, or a state dict of
+    torch tensors or numpy arrays. model_overrides: ModelConfig fields, used
+    where the checkpoint does not determine them (dilation, heads, points,
+    num_queries for two-stage, dropout) or to insist on a value (refused if the
+    checkpoint contradicts it).
+
+    Returns (model, info) with info = {'layout', 'config', 'inferred',
+    'unused_keys'}.
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        raw = read_state_dict(os.fspath(path_or_state_dict))
+    else:
+        raw = {k: np.asarray(v.detach().cpu().float().numpy() if hasattr(v, "detach") else v)
+               for k, v in path_or_state_dict.items()}
+    layout = detect_layout(raw)
+    sd = to_authors_layout(raw) if layout == "huggingface" else dict(raw)
+    inferred = infer_config(sd)
+    problems = [f"config.{k}: checkpoint has {inferred[k]!r}, requested {v!r}"
+                for k, v in model_overrides.items() if k in inferred and inferred[k] != v]
+    unknown = set(model_overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    problems += [f"config.{k}: not a ModelConfig field" for k in sorted(unknown)]
+    config = ModelConfig(**{**inferred, **{k: v for k, v in model_overrides.items()
+                                           if k not in unknown}})
+    if problems:
+        raise CheckpointMismatch("checkpoint does not match the model config:\n  "
+                                 + "\n  ".join(problems))
+    weights, unused, duplicates = to_jax_names(sd, config)
+    model = DeformableDETR(config, rngs=nnx.Rngs(0))
+    state = nnx.state(model, WEIGHTS)
+    expected = _flatten(nnx.to_pure_dict(state))
+    for path, other in duplicates:
+        if path.startswith("_dup."):
+            continue
+        source = weights.get(other)
+        if other.startswith(("class_embed", "bbox_embed")) and source is not None:
+            dup_value = _transform("linear", sd[path]) if path in sd else None
+            if dup_value is not None and not np.array_equal(dup_value, source):
+                problems.append(f"{path}: differs from {other}, which it must duplicate")
+    for path in [p for p in weights if p.startswith("_dup.")]:
+        original = weights.pop(path)
+        shared = re.sub(r"^_dup\.(class_embed|bbox_embed)\.\d+\.", r"\1.", path)
+        if not np.array_equal(original, weights.get(shared)):
+            problems.append(f"{path[5:]}: shared head differs from layer 0's")
+    for path in sorted(set(expected) - set(weights)):
+        problems.append(f"{path}: missing from the checkpoint (expected shape "
+                        f"{tuple(expected[path].shape)})")
+    for path in sorted(set(weights) - set(expected)):
+        problems.append(f"{path}: in the checkpoint (shape {weights[path].shape}) but not in "
+                        "the model")
+    for path in sorted(set(weights) & set(expected)):
+        if tuple(weights[path].shape) != tuple(expected[path].shape):
+            problems.append(f"{path}: checkpoint shape {tuple(weights[path].shape)}, model "
+                            f"expects {tuple(expected[path].shape)}")
+    if problems:
+        raise CheckpointMismatch(f"checkpoint does not match the model ({len(problems)} "
+                                 "problems):\n  " + "\n  ".join(problems))
+    filled = _unflatten_into(nnx.to_pure_dict(state), {
+        p: jax.numpy.asarray(w, dtype=expected[p].dtype) for p, w in weights.items()})
+    nnx.replace_by_pure_dict(state, filled)
+    nnx.update(model, state)
+    info = {"layout": layout, "config": config, "inferred": inferred, "unused_keys": unused}
+    return model, info
+
+
+def save_converted(model, config, dest: str) -> None:
+    """DEST/state (orbax PyTree of the model state) and DEST/model_config.json."""
+    import orbax.checkpoint as ocp
+
+    dest = os.path.abspath(dest)
+    os.makedirs(dest, exist_ok=True)
+    state = nnx.to_pure_dict(nnx.state(model, WEIGHTS))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(dest, "state"), state)
+    with open(os.path.join(dest, "model_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=2)
+
+
+def load_converted(path: str):
+    """Reads what save_converted wrote -> DeformableDETR."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    config_file = os.path.join(path, "model_config.json")
+    if not os.path.exists(config_file):
+        raise FileNotFoundError(f"checkpoint: {config_file} does not exist")
+    with open(config_file) as f:
+        config = ModelConfig(**json.load(f))
+    model = DeformableDETR(config, rngs=nnx.Rngs(0))
+    state = nnx.state(model, WEIGHTS)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(os.path.join(path, "state"))
+    nnx.replace_by_pure_dict(state, _restore_int_keys(nnx.to_pure_dict(state), restored))
+    nnx.update(model, state)
+    return model, config
+
+
+def _restore_int_keys(template, restored):
+    """orbax stores list indices as strings; follow the template's key types."""
+    if isinstance(template, Mapping):
+        return {k: _restore_int_keys(v, restored[str(k)] if str(k) in restored else restored[k])
+                for k, v in template.items()}
+    return restored
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="authors' .pth, HF pytorch_model.bin or .safetensors")
+    parser.add_argument("dest", help="output directory")
+    parser.add_argument("--dilation", action="store_true", help="DC5 checkpoint")
+    parser.add_argument("--num_queries", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--enc_points", type=int)
+    parser.add_argument("--dec_points", type=int)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("src", "dest") and v not in (None, False)}
+    try:
+        model, info = load_torch_checkpoint(args.src, **overrides)
+    except (CheckpointMismatch, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    save_converted(model, info["config"], args.dest)
+    print(f"layout: {info['layout']}\nconfig: {info['config']}")
+    if info["unused_keys"]:
+        print(f"unused keys ({len(info['unused_keys'])}): {info['unused_keys']}")
+    print(f"wrote {args.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
