@@ -1,0 +1,99 @@
+"""DeformableDETR structure: published parameter counts, variants, contract, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ddetr_jax.models import DeformableDETR, ModelConfig, count_parameters
+from ddetr_jax.models.attention import sampling_offset_bias
+from ddetr_jax.models.backbone import nearest_indices
+
+
+def abstract(**kwargs):
+    return nnx.eval_shape(lambda: DeformableDETR(ModelConfig(**kwargs), rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("kwargs, expected, published", [
+    (dict(num_feature_levels=1), 34_066_593, 34),
+    (dict(num_feature_levels=1, dilation=True), 34_066_593, 34),
+    (dict(), 40_069_665, 40),
+    (dict(with_box_refine=True), 40_849_660, 41),
+    (dict(with_box_refine=True, two_stage=True), 41_181_529, 41),
+])
+def test_parameter_counts_equal_the_published_ones(kwargs, expected, published):
+    """Exact counts: HF's for single-scale, multi-scale and two-stage; refinement has
+    6 independent class heads as in the authors' code (HF ties them: 40,732,725)."""
+    count = count_parameters(abstract(**kwargs))
+    assert count == expected
+    assert round(count / 1e6) == published
+
+
+TINY = dict(backbone_depth=18, dim=64, ffn_dim=128, heads=4, enc_layers=1, dec_layers=2,
+            num_queries=12)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(num_feature_levels=1), dict(num_feature_levels=1, dilation=True), dict(),
+    dict(with_box_refine=True), dict(with_box_refine=True, two_stage=True)])
+def test_every_variant_runs_and_keeps_the_output_contract(variant):
+    model = DeformableDETR(ModelConfig(**TINY, **variant), rngs=nnx.Rngs(0))
+    images = jnp.ones((2, 64, 96, 3))
+    pad_mask = jnp.zeros((2, 64, 96), bool).at[1, 48:].set(True)
+    out = nnx.jit(lambda m, x, k: m(x, k))(model, images, pad_mask)
+    assert out["pred_logits"].shape == (2, 12, 91)
+    assert out["pred_boxes"].shape == (2, 12, 4)
+    assert len(out["aux_outputs"]) == 1
+    assert ("enc_outputs" in out) == variant.get("two_stage", False)
+    boxes = np.asarray(out["pred_boxes"])
+    assert np.all((boxes >= 0) & (boxes <= 1))
+
+
+def test_dc5_is_stride_16():
+    model = DeformableDETR(ModelConfig(**TINY, num_feature_levels=1, dilation=True),
+                           rngs=nnx.Rngs(0))
+    sources, masks, _ = model.features(jnp.ones((1, 64, 96, 3)), jnp.zeros((1, 64, 96), bool))
+    assert sources[0].shape[1:3] == (4, 6)
+
+
+def test_dropout_is_active_only_in_training():
+    model = DeformableDETR(ModelConfig(**TINY), rngs=nnx.Rngs(0))
+    images, mask = jnp.ones((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
+    run = nnx.jit(lambda m, x, k, d: m(x, k, deterministic=d)["pred_logits"], static_argnums=3)
+    a = run(model, images, mask, True)
+    b = run(model, images, mask, True)
+    c = run(model, images, mask, False)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_published_initialisation():
+    model = DeformableDETR(ModelConfig(**TINY, with_box_refine=True), rngs=nnx.Rngs(0))
+    bias = np.asarray(model.bbox_embed[0].layers[2].bias[...])
+    np.testing.assert_array_equal(bias, [0, 0, -2, -2])
+    np.testing.assert_array_equal(model.bbox_embed[1].layers[2].bias[...], 0)
+    np.testing.assert_allclose(model.class_embed[0].bias[...], -np.log(99), rtol=1e-6)
+    np.testing.assert_array_equal(model.class_embed[0].kernel[...], model.class_embed[1].kernel[...])
+    attn = model.encoder.layers[0].self_attn
+    assert not np.any(attn.sampling_offsets.kernel[...])
+    grid = sampling_offset_bias(8, 4, 4).reshape(8, 4, 4, 2)
+    np.testing.assert_allclose(grid[0, 0, :, 0], [1, 2, 3, 4])  # heading 0: along +x
+    np.testing.assert_allclose(grid[2, 1, 1], [0, 2], atol=1e-6)  # heading pi/2: along +y
+
+
+def test_nearest_indices_follow_pytorch():
+    import torch
+    for n_in, n_out in [(13, 5), (100, 13), (7, 7), (5, 10), (96, 12), (33, 17)]:
+        src = torch.arange(n_in, dtype=torch.float32)[None, None, :, None]
+        expected = torch.nn.functional.interpolate(src, size=(n_out, 1))[0, 0, :, 0].long()
+        np.testing.assert_array_equal(nearest_indices(n_in, n_out), expected.numpy())
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="two_stage=True needs with_box_refine"):
+        abstract(two_stage=True)
+    with pytest.raises(ValueError, match="num_feature_levels"):
+        abstract(num_feature_levels=2)
+    with pytest.raises(ValueError, match="depth"):
+        abstract(backbone_depth=42)
