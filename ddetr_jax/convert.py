@@ -179,25 +179,29 @@ def _transform(kind, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def to_jax_names(sd: Mapping[str, np.ndarray], config) -> tuple[dict, list[str]]:
-    """Authors' keys -> {module path: array}; also returns unused keys.
+def to_jax_names(sd: Mapping[str, np.ndarray], config) -> tuple[dict, list[str], list[str]]:
+    """Authors' keys -> ({module path: array}, unused keys, problems).
 
     Shared heads (no refinement) appear once per decoder layer in the authors'
-    files, and refined heads twice (also under transformer.decoder): each
-    duplicate must equal the copy that is loaded.
+    files, and refined heads twice (also under transformer.decoder.): every
+    duplicate must equal the copy that is loaded, else it is a problem.
     """
-    out, unused, duplicates = {}, [], []
+    out, unused, problems = {}, [], []
     for key, value in sd.items():
         if IGNORED.search(key):
             continue
-        if key.startswith(("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")):
-            duplicates.append((key, key[len("transformer.decoder."):]))
+        original = _duplicated_key(key, config)
+        if original is not None:
+            if original not in sd or not np.array_equal(value, sd[original]):
+                problems.append(f"{key}: differs from {original}, which it must duplicate")
             continue
         for pattern, repl, kind in AUTHORS_TO_JAX:
             match = re.fullmatch(pattern, key)
             if not match:
                 continue
             path = match.expand(repl) if isinstance(repl, str) else repl(match)
+            if not config.with_box_refine:
+                path = re.sub(r"^(class_embed|bbox_embed)\.0\.", r"\1.", path)
             if kind == "in_proj":
                 prefix = path.rsplit(".in_proj.", 1)[0]
                 leaf = "kernel" if path.endswith("weight") else "bias"
@@ -209,18 +213,17 @@ def to_jax_names(sd: Mapping[str, np.ndarray], config) -> tuple[dict, list[str]]
             break
         else:
             unused.append(key)
-    if not config.with_box_refine:
-        for head in ("class_embed", "bbox_embed"):
-            pattern = re.compile(rf"^{head}\.(\d+)\.(.*)$")
-            for path in [p for p in out if pattern.match(p)]:
-                index, rest = pattern.match(path).groups()
-                value = out.pop(path)
-                if index == "0":
-                    out[f"{head}.{rest}"] = value
-                else:
-                    duplicates.append((path, f"{head}.{rest}"))
-                    out.setdefault(f"_dup.{path}", value)
-    return out, unused, duplicates
+    return out, unused, problems
+
+
+def _duplicated_key(key: str, config) -> str | None:
+    """The key that `key` must duplicate, or None if it holds weights of its own."""
+    if key.startswith(("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")):
+        return key[len("transformer.decoder."):]
+    match = re.match(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$", key)
+    if match and not config.with_box_refine and match[2] != "0":
+        return f"{match[1]}.0.{match[3]}"
+    return None
 
 
 def _flatten(tree, prefix="") -> dict:
@@ -290,23 +293,10 @@ def load_torch_checkpoint(path_or_state_dict, **model_overrides):
     if problems:
         raise CheckpointMismatch("checkpoint does not match the model config:\n  "
                                  + "\n  ".join(problems))
-    weights, unused, duplicates = to_jax_names(sd, config)
+    weights, unused, problems = to_jax_names(sd, config)
     model = DeformableDETR(config, rngs=nnx.Rngs(0))
     state = nnx.state(model, WEIGHTS)
     expected = _flatten(nnx.to_pure_dict(state))
-    for path, other in duplicates:
-        if path.startswith("_dup."):
-            continue
-        source = weights.get(other)
-        if other.startswith(("class_embed", "bbox_embed")) and source is not None:
-            dup_value = _transform("linear", sd[path]) if path in sd else None
-            if dup_value is not None and not np.array_equal(dup_value, source):
-                problems.append(f"{path}: differs from {other}, which it must duplicate")
-    for path in [p for p in weights if p.startswith("_dup.")]:
-        original = weights.pop(path)
-        shared = re.sub(r"^_dup\.(class_embed|bbox_embed)\.\d+\.", r"\1.", path)
-        if not np.array_equal(original, weights.get(shared)):
-            problems.append(f"{path[5:]}: shared head differs from layer 0's")
     for path in sorted(set(expected) - set(weights)):
         problems.append(f"{path}: missing from the checkpoint (expected shape "
                         f"{tuple(expected[path].shape)})")

@@ -223,4 +223,9 @@ def test_jax_model_is_jittable_under_grad(batch):
     assert all(bool(np.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+def test_duplicated_heads_must_agree():
+    state = authors_layout(build_hf("multi_scale").state_dict(), refine=False, num_pred=2)
+    state["class_embed.1.bias"] = state["class_embed.1.bias"] + 1
+    with pytest.raises(CheckpointMismatch, match="class_embed.1.bias: differs from class_embed.0"):
+        load_torch_checkpoint(state)
