@@ -97,3 +97,18 @@ def test_bad_config_is_refused():
         abstract(num_feature_levels=2)
     with pytest.raises(ValueError, match="depth"):
         abstract(backbone_depth=42)
+
+
+def test_stem_and_layer1_get_no_gradient_and_layer2_does():
+    model = DeformableDETR(ModelConfig(**TINY), rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    images, mask = jnp.ones((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
+
+    def loss(p):
+        return nnx.merge(graphdef, p, rest)(images, mask)["pred_logits"].sum()
+
+    grads = jax.jit(jax.grad(loss))(params)
+    backbone = grads["backbone"]
+    assert not np.any(backbone["stem"]["conv"]["kernel"][...])
+    assert not np.any(backbone["layers"][0][0]["conv1"]["conv"]["kernel"][...])
+    assert np.any(backbone["layers"][1][0]["conv1"]["conv"]["kernel"][...])

@@ -229,3 +229,20 @@ def test_duplicated_heads_must_agree():
     state["class_embed.1.bias"] = state["class_embed.1.bias"] + 1
     with pytest.raises(CheckpointMismatch, match="class_embed.1.bias: differs from class_embed.0"):
         load_torch_checkpoint(state)
+
+
+def test_safetensors_file_and_old_hf_key_names(batch, tmp_path):
+    """save_pretrained's model.safetensors, and a .bin with the older HF key names."""
+    hf = build_hf("multi_scale", seed=3)
+    images, pad_mask = batch
+    hf_logits, _ = run_hf(hf, images, pad_mask)
+    hf.save_pretrained(tmp_path / "hf")
+    model, info = load_torch_checkpoint(str(tmp_path / "hf" / "model.safetensors"))
+    assert info["layout"] == "huggingface"
+    np.testing.assert_allclose(run_jax(model, images, pad_mask)[0], hf_logits, atol=1e-4, rtol=0)
+    old = {k.replace("model.backbone.model.", "model.backbone.conv_encoder.model.")
+            .replace("mlp.fc", "fc").replace("o_proj", "out_proj"): v
+           for k, v in hf.state_dict().items()}
+    torch.save(old, tmp_path / "pytorch_model.bin")
+    model, _ = load_torch_checkpoint(str(tmp_path / "pytorch_model.bin"))
+    np.testing.assert_allclose(run_jax(model, images, pad_mask)[0], hf_logits, atol=1e-4, rtol=0)

@@ -126,12 +126,18 @@ class ResNet(nnx.Module):
         self.strides = (8, 16, 16 if dilation else 32)
 
     def __call__(self, images):
-        """images: (B, H, W, 3) -> [C3 (B, H/8, W/8, c3), C4, C5]."""
+        """images: (B, H, W, 3) -> [C3 (B, H/8, W/8, c3), C4, C5].
+
+        The stem and layer1 never train (the authors' train_backbone rule):
+        no gradient flows into them.
+        """
         x = _max_pool_3x3_s2(jax.nn.relu(self.stem(images)))
         outputs = []
-        for stage in self.layers:
+        for index, stage in enumerate(self.layers):
             for blk in stage:
                 x = blk(x)
+            if index == 0:
+                x = jax.lax.stop_gradient(x)
             outputs.append(x)
         return outputs[1:]
 
