@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from ddetr_jax.data import pipeline, transforms
 from ddetr_jax.data.source import (COCO_CATEGORY_IDS, DetectionSource, decode_image,
                                    latest_version_dir)
 
@@ -109,3 +110,16 @@ def test_latest_version_dir_errors_without_versions(tmp_path):
     (tmp_path / "thing" / "not_a_version").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no prepared versions"):
         latest_version_dir(tmp_path, "thing")
+
+
+def test_tfds_coco_flows_into_bucketed_batches(coco_data_dir):
+    source = DetectionSource(latest_version_dir(coco_data_dir, "coco/2017"), "validation")
+    config = pipeline.BatchConfig(global_batch_size=2, buckets=((64, 64), (112, 112)),
+                                  max_targets=4, transform=transforms.TransformConfig().scaled(0.08))
+    batches = list(pipeline.eval_dataset(source, config))
+    valid = np.concatenate([b["example_valid"] for b in batches])
+    ids = np.concatenate([b["image_id"] for b in batches])[valid]
+    assert sorted(ids.tolist()) == sorted(e[0] for e in EXAMPLES)
+    labels = {int(i): b["labels"][row][b["target_valid"][row]].tolist()
+              for b in batches for row, i in enumerate(b["image_id"]) if b["example_valid"][row]}
+    assert labels == {139: [1], 285: [13], 632: []}  # the crowd box (label 79 -> 90) is dropped
