@@ -38,27 +38,41 @@ def padded_fraction(sizes_hw, buckets):
     return 1.0 - sizes.prod(axis=1).sum() / chosen.prod(axis=1).sum()
 
 
-def choose_buckets(sizes_hw, num_buckets, multiple=64):
-    """Greedy bucket set for a sample of image sizes: (K, 2) sorted buckets.
+def _total_waste(waste, counts, chosen):
+    """Padded pixels of the sample with the bucket set `chosen` (candidate indices)."""
+    return (waste[:, chosen].min(axis=1) * counts).sum()
 
-    Starts from the one bucket that holds every size (sides rounded up to
-    `multiple`) and adds, num_buckets - 1 times, the candidate (a size of the
-    sample rounded up to `multiple`) that removes the most padded pixels.
+
+def choose_buckets(sizes_hw, num_buckets, multiple=64, passes=3):
+    """A bucket set for a sample of image sizes: (K, 2) sorted buckets.
+
+    Candidates are the sample's sizes with sides rounded up to `multiple`.
+    Greedy start: the one bucket that holds every size, then, num_buckets - 1
+    times, the candidate that removes the most padded pixels. Then up to
+    `passes` rounds of local search: each bucket but the holder of every size
+    is replaced by the candidate that leaves the fewest padded pixels.
     """
     sizes, counts = np.unique(np.asarray(sizes_hw, np.int64).reshape(-1, 2), axis=0,
                               return_counts=True)
     rounded = -(-sizes // multiple) * multiple  # (U, 2) ceil to the multiple
-    candidates = np.unique(rounded, axis=0)  # (C, 2)
-    area = sizes.prod(axis=1)
+    cover_all = rounded.max(axis=0)
+    candidates = np.unique(np.vstack([rounded, cover_all]), axis=0)  # (C, 2)
     fits = (sizes[:, None, :] <= candidates[None, :, :]).all(axis=-1)  # (U, C)
-    waste = np.where(fits, candidates.prod(axis=1)[None, :] - area[:, None], np.inf)
-    chosen = [int(np.flatnonzero((candidates == rounded.max(axis=0)).all(axis=1))[0])]
-    current = waste[:, chosen[0]]  # (U,) padding per size with the chosen set
+    waste = np.where(fits, candidates.prod(axis=1)[None, :] - sizes.prod(axis=1)[:, None],
+                     np.inf)  # (U, C) padded pixels of each size in each candidate
+    chosen = [int(np.flatnonzero((candidates == cover_all).all(axis=1))[0])]
     for _ in range(num_buckets - 1):
+        current = waste[:, chosen].min(axis=1)  # (U,)
         totals = (np.minimum(current[:, None], waste) * counts[:, None]).sum(axis=0)  # (C,)
-        best = int(np.argmin(totals))
-        if totals[best] >= (current * counts).sum():
+        if totals.min() >= (current * counts).sum():
             break
-        chosen.append(best)
-        current = np.minimum(current, waste[:, best])
-    return sort_buckets(candidates[chosen])
+        chosen.append(int(np.argmin(totals)))
+    for _ in range(passes):
+        before = _total_waste(waste, counts, chosen)
+        for slot in range(1, len(chosen)):
+            others = waste[:, chosen[:slot] + chosen[slot + 1:]].min(axis=1)  # (U,)
+            totals = (np.minimum(others[:, None], waste) * counts[:, None]).sum(axis=0)
+            chosen[slot] = int(np.argmin(totals))
+        if _total_waste(waste, counts, chosen) >= before:
+            break
+    return sort_buckets(candidates[sorted(set(chosen))])

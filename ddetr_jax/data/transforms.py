@@ -67,7 +67,9 @@ class Geometry:
 
 def resized_hw(hw, size, max_size=None):
     """(height, width) with the shorter side `size`, shrunk so that the longer
-    side is at most `max_size` (authors' `transforms.py: get_size_with_aspect_ratio`)."""
+    side is at most `max_size` (authors' `transforms.py: get_size_with_aspect_ratio`;
+    its rounding lets the longer side of an image more than twice as long as
+    wide reach max_size + 1)."""
     height, width = hw
     if max_size is not None:
         short, long = min(hw), max(hw)

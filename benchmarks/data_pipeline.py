@@ -1,0 +1,149 @@
+"""Benchmark: bucket padding on COCO-like image sizes, and pipeline images/s.
+
+1. Padding. Image sizes drawn from a model of COCO 2017's size statistics
+   (below; not the real annotation file, which is not available offline) go
+   through the training geometry (random scales, crop branch, max 1333) and the
+   validation resize (800 / 1333). Buckets are chosen (buckets.choose_buckets,
+   sides multiples of 64) on one sample and measured on another, against
+   padding every image to one square shape, 1334x1334 (the authors' rounding
+   lets the longer side of a very elongated image reach max_size + 1).
+2. Speed. A COCO-format folder of JPEGs with those sizes is prepared as a TFDS
+   dataset and the training pipeline (decode, augment, normalise, pad, batch)
+   is timed in this process (1 and 2 reader threads) and with 1 and 2 worker
+   processes.
+
+    python benchmarks/data_pipeline.py [--images 160] [--batch-size 8] [--buckets 12 16]
+
+COCO size model: the longer side is 640 pixels for 95% of images (else
+uniform in 300..640); long / short is 4:3 for 50%, 3:2 for 25%, 1:1 for 8%,
+16:9 for 10%, uniform in 1..2.5 for 7%; 75% landscape.
+"""
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from ddetr_jax.data import buckets as bucket_lib  # noqa: E402
+from ddetr_jax.data import pipeline, prepare, transforms  # noqa: E402
+from ddetr_jax.data.source import DetectionSource  # noqa: E402
+
+RATIOS = (4 / 3, 3 / 2, 1.0, 16 / 9)
+RATIO_PROBS = (0.50, 0.25, 0.08, 0.10)  # the remaining 0.07: uniform in 1..2.5
+
+
+def coco_like_sizes(rng, n):
+    """(n, 2) int (height, width) from the COCO size model in the module doc."""
+    long = np.where(rng.random(n) < 0.95, 640, rng.integers(300, 641, n))
+    kind = rng.choice(len(RATIOS) + 1, size=n, p=RATIO_PROBS + (0.07,))
+    ratio = np.where(kind < len(RATIOS), np.array(RATIOS + (1.0,))[kind], rng.uniform(1, 2.5, n))
+    short = np.round(long / ratio).astype(int)
+    landscape = rng.random(n) < 0.75
+    return np.stack([np.where(landscape, short, long), np.where(landscape, long, short)], 1)
+
+
+def out_sizes(sizes, config, rng, train):
+    """Sizes after the training geometry (train) or the validation resize."""
+    if train:
+        return np.array([transforms.sample_train_geometry(rng, tuple(s), config).out_hw
+                         for s in sizes])
+    return np.array([transforms.eval_geometry(tuple(s), config).out_hw for s in sizes])
+
+
+def padding_report(bucket_counts, samples=20000):
+    """Prints padded fractions and distinct shapes for each number of buckets;
+    returns the training buckets of the first."""
+    rng, config = np.random.default_rng(0), transforms.TransformConfig()
+    print("| transform | buckets | padded, all 1334x1334 | padded, buckets | distinct shapes |")
+    print("|---|---:|---:|---:|---:|")
+    chosen = {}
+    for train in (True, False):
+        fit = out_sizes(coco_like_sizes(rng, samples), config, rng, train)
+        test = out_sizes(coco_like_sizes(rng, samples), config, rng, train)
+        for count in bucket_counts:
+            buckets = bucket_lib.choose_buckets(fit, count)
+            chosen.setdefault((train, count), buckets)
+            used = len(np.unique(bucket_lib.assign_buckets(test, buckets)))
+            print(f"| {'train' if train else 'validation'} | {count} "
+                  f"| {bucket_lib.padded_fraction(test, [(1334, 1334)]):.1%} "
+                  f"| {bucket_lib.padded_fraction(test, buckets):.1%} | {used} |")
+    for (train, count), buckets in chosen.items():
+        print(f"{'train' if train else 'validation'} buckets ({count}):",
+              [tuple(b) for b in buckets.tolist()])
+    return chosen[(True, bucket_counts[0])]
+
+
+def write_coco_folder(root, num_images, rng):
+    """A COCO-format folder of smooth noisy JPEGs with COCO-like sizes and
+    7 boxes each."""
+    (root / "train").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, annotations = [], []
+    for index, (height, width) in enumerate(coco_like_sizes(rng, num_images)):
+        coarse = rng.integers(0, 256, (height // 32 + 1, width // 32 + 1, 3), dtype=np.uint8)
+        pixels = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR))
+        pixels = np.clip(pixels + rng.normal(0, 8, pixels.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        (root / "train" / f"{index:06d}.jpg").write_bytes(buffer.getvalue())
+        images.append({"id": index + 1, "file_name": f"{index:06d}.jpg",
+                       "height": int(height), "width": int(width)})
+        for _ in range(7):
+            w, h = rng.uniform(10, width / 2), rng.uniform(10, height / 2)
+            x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1,
+                                "category_id": 1, "bbox": [x, y, w, h], "area": w * h,
+                                "iscrowd": 0})
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "thing"}]}
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+
+
+def time_pipeline(source, sizes, config, num_workers, num_threads, num_batches):
+    """Training images per second over num_batches after one warm-up batch."""
+    dataset = pipeline.train_dataset(source, config, seed=0, num_epochs=10, sizes=sizes,
+                                     num_workers=num_workers, num_threads=num_threads)
+    iterator = iter(dataset)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(iterator)
+    elapsed = time.perf_counter() - start
+    iterator.close()
+    return num_batches * config.global_batch_size / elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--buckets", type=int, nargs="+", default=[12, 16])
+    args = parser.parse_args()
+    train_buckets = padding_report(args.buckets)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = __import__("pathlib").Path(tmp)
+        write_coco_folder(root / "coco", args.images, np.random.default_rng(1))
+        dataset_dir, _ = prepare.prepare(root / "coco", "coco_like", root / "tfds")
+        source = DetectionSource(dataset_dir, "train")
+        start = time.perf_counter()
+        sizes = pipeline.read_sizes(source)
+        print(f"read_sizes: {len(sizes) / (time.perf_counter() - start):.0f} records/s")
+        config = pipeline.BatchConfig(global_batch_size=args.batch_size,
+                                      buckets=tuple(map(tuple, train_buckets.tolist())))
+        for workers, threads in ((0, 1), (0, 2), (1, 1), (2, 1)):
+            rate = time_pipeline(source, sizes, config, workers, threads, args.batches)
+            print(f"workers={workers} threads={threads}: {rate:.1f} training images/s "
+                  f"(batch {args.batch_size}, {args.batches} batches)")
+
+
+if __name__ == "__main__":
+    main()
