@@ -26,8 +26,8 @@ def postprocess(pred_logits, pred_boxes, orig_size, num_top: int = NUM_TOP):
     (cx, cy, w, h) relative to the unpadded image; orig_size: (B, 2) (height,
     width) of the original images in pixels.
     Returns {'scores': (B, K) float32 descending, 'labels': (B, K) int32,
-    'boxes_xyxy': (B, K, 4) float32 pixels of the original image} with
-    K = num_top.
+    'boxes_xyxy': (B, K, 4) float32 pixels of the original image, 'queries':
+    (B, K) int32 the query of each detection} with K = num_top.
     """
     b, q, c = pred_logits.shape
     if pred_boxes.shape != (b, q, 4):
@@ -40,9 +40,10 @@ def postprocess(pred_logits, pred_boxes, orig_size, num_top: int = NUM_TOP):
     probs = jax.nn.sigmoid(pred_logits.astype(jnp.float32)).reshape(b, q * c)  # (B, Q*C)
     scores, flat = jax.lax.top_k(probs, num_top)  # (B, K)
     labels = (flat % c).astype(jnp.int32)
-    query = flat // c
+    query = (flat // c).astype(jnp.int32)
     boxes_xyxy = cxcywh_to_xyxy(pred_boxes.astype(jnp.float32))  # (B, Q, 4)
     boxes_xyxy = jnp.take_along_axis(boxes_xyxy, query[..., None], axis=1)  # (B, K, 4)
     h, w = orig_size[:, 0].astype(jnp.float32), orig_size[:, 1].astype(jnp.float32)
     scale = jnp.stack([w, h, w, h], -1)[:, None, :]  # (B, 1, 4)
-    return {"scores": scores, "labels": labels, "boxes_xyxy": boxes_xyxy * scale}
+    return {"scores": scores, "labels": labels, "boxes_xyxy": boxes_xyxy * scale,
+            "queries": query}

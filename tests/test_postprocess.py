@@ -20,7 +20,7 @@ def authors_postprocess(logits, boxes_cxcywh, target_sizes):
     img_h, img_w = torch.tensor(target_sizes).unbind(1)
     scale_fct = torch.stack([img_w, img_h, img_w, img_h], dim=1)
     boxes = boxes * scale_fct[:, None, :]
-    return topk_values.numpy(), labels.numpy(), boxes.numpy()
+    return topk_values.numpy(), labels.numpy(), boxes.numpy(), topk_boxes.numpy()
 
 
 def test_matches_authors_postprocess():
@@ -29,10 +29,11 @@ def test_matches_authors_postprocess():
     boxes = rng.uniform(0.05, 0.95, size=(3, 30, 4)).astype(np.float32)
     sizes = np.array([[480, 640], [800, 1333], [37, 91]], np.float32)
     out = postprocess(logits, boxes, sizes)
-    scores, labels, boxes_xyxy = authors_postprocess(logits, boxes, sizes)
+    scores, labels, boxes_xyxy, queries = authors_postprocess(logits, boxes, sizes)
     assert out["scores"].shape == (3, 100) and out["labels"].dtype == np.int32
     np.testing.assert_allclose(out["scores"], scores, rtol=1e-6)
     np.testing.assert_array_equal(out["labels"], labels)
+    np.testing.assert_array_equal(out["queries"], queries)
     np.testing.assert_allclose(out["boxes_xyxy"], boxes_xyxy, rtol=1e-5, atol=1e-3)
 
 
@@ -45,6 +46,7 @@ def test_hand_made_detection():
     out = postprocess(logits, boxes, np.array([[200, 100]]), num_top=3)
     np.testing.assert_allclose(out["scores"][0, :2], 1 / (1 + np.exp([-3.0, -1.0])), rtol=1e-6)
     np.testing.assert_array_equal(out["labels"][0, :2], [5, 7])
+    np.testing.assert_array_equal(out["queries"][0, :2], [2, 0])
     # (cx, cy, w, h) = (0.25, 0.75, 0.5, 0.5) of a 100 wide, 200 high image
     np.testing.assert_allclose(out["boxes_xyxy"][0, 0], [0, 100, 50, 200], atol=1e-4)
     np.testing.assert_allclose(out["boxes_xyxy"][0, 1], [40, 60, 60, 140], atol=1e-4)
