@@ -202,3 +202,26 @@ def test_attention_defaults_to_the_best_detection_and_plots(detector):
         detector.attention(image, layer=2)
     with pytest.raises(ValueError, match="query"):
         detector.attention(image, query=12)
+
+
+def test_hf_model_directory_and_weights_file(tmp_path):
+    """save_pretrained output (a directory) and its model.safetensors load alike."""
+    import torch
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    torch.manual_seed(0)
+    config = DeformableDetrConfig(
+        num_labels=9, use_timm_backbone=False, use_pretrained_backbone=False,
+        backbone_config=ResNetConfig(depths=[2, 2, 2, 2], layer_type="basic",
+                                     hidden_sizes=[64, 128, 256, 512],
+                                     out_features=["stage2", "stage3", "stage4"]),
+        d_model=64, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
+        num_queries=12)
+    hf = DeformableDetrForObjectDetection(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    expected = hf.class_embed[0].weight.detach().numpy().T  # (D, C)
+    for path in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors"):
+        model = load_model(path, heads=4)
+        assert model.config == TINY
+        np.testing.assert_array_equal(model.class_embed.kernel[...], expected)
