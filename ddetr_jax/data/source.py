@@ -31,7 +31,7 @@ COCO_CATEGORY_IDS = tuple(i for i in range(1, 91)
 
 def latest_version_dir(data_dir, name):
     """DATA_DIR/NAME/<highest version>, e.g. name "coco/2017" or "my_set"."""
-    base = pathlib.Path(data_dir) / name
+    base = pathlib.Path(data_dir).expanduser() / name
     versions = []
     for path in base.glob("*"):
         try:
@@ -72,8 +72,8 @@ class DetectionSource:
 
     def __init__(self, dataset_dir, split):
         """dataset_dir: the version folder (DATA_DIR/NAME/x.y.z)."""
-        builder = tfds.builder_from_directory(str(dataset_dir))
-        self.dataset_dir, self.split = str(dataset_dir), split
+        self.dataset_dir, self.split = str(pathlib.Path(dataset_dir).expanduser()), split
+        builder = tfds.builder_from_directory(self.dataset_dir)
         self.category_ids = category_ids_of(builder.info)
         self.has_category_id = "category_id" in builder.info.features["objects"]
         self._records = builder.as_data_source(
