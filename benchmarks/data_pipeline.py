@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -130,7 +131,7 @@ def main():
     args = parser.parse_args()
     train_buckets = padding_report(args.buckets)
     with tempfile.TemporaryDirectory() as tmp:
-        root = __import__("pathlib").Path(tmp)
+        root = pathlib.Path(tmp)
         write_coco_folder(root / "coco", args.images, np.random.default_rng(1))
         dataset_dir, _ = prepare.prepare(root / "coco", "coco_like", root / "tfds")
         source = DetectionSource(dataset_dir, "train")
