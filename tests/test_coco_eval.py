@@ -127,6 +127,9 @@ def test_perfect_and_empty_predictions(ground_truth):
     assert all(c["AP"] == 1.0 for c in metrics["per_class"])
     empty = evaluate_detections(str(gt_path), [])
     assert empty["AP"] == 0.0 and empty["AR100"] == 0.0
+    undefined = dict(empty, APl=-1.0)
+    table = format_metrics(undefined).splitlines()
+    assert table[1].split() == ["0.0"] * 5 + ["-"] + ["0.0"] * 3
 
 
 def test_only_seen_images_are_evaluated(ground_truth):

@@ -118,13 +118,16 @@ def evaluate_detections(ground_truth, results: list[dict], image_ids=None) -> di
 
 
 def format_metrics(metrics: dict) -> str:
-    """The metrics as a two-part text table (headline numbers, then per class), in percent."""
+    """The metrics as a text table (headline numbers, then per class), in percent; '-' where
+    undefined."""
+    def percent(value):
+        return f"{100 * value:6.1f}" if value >= 0 else f"{'-':>6}"
+
     lines = ["  ".join(f"{name:>6}" for name in METRICS),
-             "  ".join(f"{100 * metrics[name]:6.1f}" for name in METRICS), "",
+             "  ".join(percent(metrics[name]) for name in METRICS), "",
              f"{'id':>4}  {'class':<24} {'AP':>6}"]
     for entry in metrics["per_class"]:
-        lines.append(f"{entry['category_id']:>4}  {entry['name']:<24} "
-                     f"{100 * entry['AP']:6.1f}")
+        lines.append(f"{entry['category_id']:>4}  {entry['name']:<24} {percent(entry['AP'])}")
     return "\n".join(lines)
 
 
