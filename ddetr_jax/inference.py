@@ -199,6 +199,7 @@ def _detect(graphdef, state, pixels, pad_mask, orig_size, *, num_top, layer, on_
 class Detector:
     """A DeformableDETR with its pre- and post-processing; see the module docstring.
 
+    Holds the model's weights as they are at construction.
     class_names: {category id: name} or a sequence indexed by category id
     (default: the id as text). shorter_side, longer_side: the resize; size_multiple:
     the padding bucket; batch_size: images per forward pass; num_top:
@@ -273,19 +274,19 @@ class Detector:
         layer: decoder layer (negative counts from the last); query: the query
         index (default: the query of the best detection).
         Returns {'query', 'layer', 'box_xyxy' (4,), 'score', 'label', 'class_name'
-        (the query's best class), 'points_xy' (M, L, P, 2) pixels of the original
-        image, 'weights' (M, L, P) attention weights (summing to 1 per head)}.
+        (the query's best detection; None if it has none among the num_top),
+        'points_xy' (M, L, P, 2) pixels of the original image, 'weights' (M, L, P)
+        attention weights (summing to 1 per head)}.
         """
-        layers = self.config.dec_layers
+        layers, queries = self.config.dec_layers, self.config.num_queries
         if not -layers <= layer < layers:
             raise ValueError(f"layer: expected -{layers} <= layer < {layers}, got {layer}")
+        if query is not None and not 0 <= query < queries:
+            raise ValueError(f"query: expected 0 <= query < {queries}, got {query}")
         image = load_image(image)
         batch, detections, attention = self._run([image], layer % layers)
-        queries = self.config.num_queries
         if query is None:
             query = int(detections["queries"][0, 0])
-        elif not 0 <= query < queries:
-            raise ValueError(f"query: expected 0 <= query < {queries}, got {query}")
         # The query's best-scoring detection among the kept ones, if any.
         rows = np.flatnonzero(detections["queries"][0] == query)
         row = int(rows[0]) if rows.size else None
