@@ -112,3 +112,38 @@ def test_stem_and_layer1_get_no_gradient_and_layer2_does():
     assert not np.any(backbone["stem"]["conv"]["kernel"][...])
     assert not np.any(backbone["layers"][0][0]["conv1"]["conv"]["kernel"][...])
     assert np.any(backbone["layers"][1][0]["conv1"]["conv"]["kernel"][...])
+
+
+def test_encoder_sampling_at_initialisation_matches_the_numpy_oracle():
+    """At init, sampling locations are pixel centres plus integer offsets, i.e. exact
+    integers in pixel coordinates. Inside one jitted graph XLA once computed them
+    with and without FMA contraction in different fusions, flooring differently
+    for rows and weights (wrong pixels, errors ~0.2). Checked at batch 1, where
+    it showed."""
+    from ddetr_jax.models.transformer import encoder_reference_points, valid_ratios
+    from tests.numpy_reference import ms_deform_attn_numpy
+
+    model = DeformableDETR(ModelConfig(**TINY), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(1, 64, 64, 3)), jnp.float32)
+    pad_mask = jnp.zeros((1, 64, 64), bool).at[:, 48:].set(True)
+
+    @nnx.jit
+    def sample(model, images, pad_mask):
+        sources, masks, positions = model.features(images, pad_mask)
+        shapes = tuple((s.shape[1], s.shape[2]) for s in sources)
+        src = jnp.concatenate([s.reshape(1, -1, 64) for s in sources], 1)
+        pos = jnp.concatenate([p.reshape(1, -1, 64) for p in positions], 1)
+        mask = jnp.concatenate([m.reshape(1, -1) for m in masks], 1)
+        ref = encoder_reference_points(shapes, valid_ratios(masks))
+        attn = model.encoder.layers[0].self_attn
+        out, locations, weights = attn.sample(src + pos, ref, src, shapes, mask)
+        value = jnp.where(mask[..., None], 0, attn.value_proj(src)).reshape(1, -1, 4, 16)
+        return attn.output_proj.kernel[...], out - attn.output_proj.bias[...], value, \
+            locations, weights, shapes
+
+    kernel, projected, value, locations, weights, shapes = sample(model, images, pad_mask)
+    shapes = tuple(tuple(int(v) for v in s) for s in np.asarray(shapes))
+    expected = ms_deform_attn_numpy(value, shapes, locations, weights,
+                                    np.zeros((1, locations.shape[1], 64)))[0] @ np.asarray(kernel)
+    np.testing.assert_allclose(projected, expected, atol=1e-4)

@@ -200,6 +200,27 @@ def test_inside_shard_map_equals_unsharded():
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
+def test_replicated_value_sharded_queries_inside_shard_map():
+    """An invariant (replicated) input beside sharded ones: its gradient is summed."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    shapes = ((3, 4),)
+    rng = np.random.default_rng(5)
+    value, loc, weights, grad = _random_inputs(rng, shapes, 1, 8, 2, 3, 2)
+
+    def loss(v, l, w, g):
+        return jnp.sum(ms_deform_attn(v, shapes, l, w) * g)
+
+    def sharded(v, l, w, g):
+        grad_v = jax.grad(loss)(v, l, w, g)
+        return grad_v
+
+    spec = PartitionSpec(None, "data")
+    fn = jax.jit(jax.shard_map(sharded, mesh=mesh, in_specs=(PartitionSpec(), spec, spec, spec),
+                               out_specs=PartitionSpec()))
+    np.testing.assert_allclose(fn(value, loc, weights, grad),
+                               jax.grad(loss)(value, loc, weights, grad), rtol=1e-5, atol=1e-6)
+
+
 def _ok_inputs():
     shapes = ((4, 5), (2, 3))
     rng = np.random.default_rng(0)

@@ -33,6 +33,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from ddetr_jax.ops.manual_axes import make_varying, varying_axes
+
 SpatialShapes = tuple[tuple[int, int], ...]
 
 
@@ -85,6 +87,25 @@ def _compute_dtype(*arrays):
     return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
 
 
+def _materialised(loc):
+    """loc, clipped to [-2, 3] and computed once into a buffer every consumer reads.
+
+    XLA copies cheap elementwise producers into each fusion that consumes
+    them, and LLVM may contract a * b + c into an FMA in one copy and not in
+    another. For sampling locations that are (nearly) integer pixel
+    coordinates, as at initialisation (pixel centres plus integer offsets),
+    two copies can then floor differently: the corner rows come from one and
+    the bilinear weights from the other, sampling wrong pixels (seen on CPU
+    with AVX2). A dot is never copied into its consumers, so the locations
+    pass through an exact one (times the identity). Clipping first keeps the
+    dot finite and changes nothing: beyond [-1, 2] every corner is off the
+    map, for any map size.
+    """
+    loc = jnp.clip(loc, -2.0, 3.0)
+    eye = jnp.eye(loc.shape[-1], dtype=loc.dtype)
+    return jnp.einsum("...i,ij->...j", loc, eye, precision=jax.lax.Precision.HIGHEST)
+
+
 def _level_corners(loc, height: int, width: int, start: int, num_tokens: int):
     """Corner rows and bilinear weights of one level's samples.
 
@@ -97,17 +118,21 @@ def _level_corners(loc, height: int, width: int, start: int, num_tokens: int):
     """
     n, _, m = loc.shape[:3]
     loc = loc.astype(_compute_dtype(loc))
-    x = loc[..., 0] * width - 0.5  # (N, Lq, M, P) pixel coordinates, align_corners=False
-    y = loc[..., 1] * height - 0.5
+    loc = _materialised(loc)
+    x = (loc[..., 0] - 0.5 / width) * width  # (N, Lq, M, P) pixel coordinates
+    y = (loc[..., 1] - 0.5 / height) * height  # (align_corners=False), no a * b + c
     x0 = jnp.floor(x)
     y0 = jnp.floor(y)
     fx = x - x0
     fy = y - y0
+    # Integer corner coordinates; far-away samples are clipped first so the
+    # conversion never overflows (they are off the map either way).
+    x0 = jnp.clip(x0, -2, width + 1).astype(jnp.int32)
+    y0 = jnp.clip(y0, -2, height + 1).astype(jnp.int32)
     xs = jnp.stack([x0, x0 + 1, x0, x0 + 1], axis=-1)  # (N, Lq, M, P, 4)
     ys = jnp.stack([y0, y0, y0 + 1, y0 + 1], axis=-1)
-    on_map = (xs >= 0) & (xs <= width - 1) & (ys >= 0) & (ys <= height - 1)
-    pixel = (jnp.clip(ys, 0, height - 1).astype(jnp.int32) * width
-             + jnp.clip(xs, 0, width - 1).astype(jnp.int32))
+    on_map = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+    pixel = jnp.clip(ys, 0, height - 1) * width + jnp.clip(xs, 0, width - 1)
     batch = jnp.arange(n, dtype=jnp.int32)[:, None, None, None, None]
     head = jnp.arange(m, dtype=jnp.int32)[None, None, :, None, None]
     rows = (batch * num_tokens + start + pixel) * m + head
@@ -223,6 +248,15 @@ def _ms_deform_attn_bwd(shapes, residuals, grad_out):
 _ms_deform_attn.defvjp(_ms_deform_attn_fwd, _ms_deform_attn_bwd)
 
 
+def _vary_alike(*arrays):
+    """Inside shard_map (check_vma): every input varies over the union of the
+    inputs' varying mesh axes, so that the custom VJP's cotangents, which vary
+    wherever any input does, have their primals' types. The transpose of this
+    cast sums the cotangent of an invariant input over those axes."""
+    axes = frozenset().union(*(varying_axes(a) for a in arrays))
+    return [make_varying(a, axes) for a in arrays]
+
+
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
     """Multi-scale deformable attention sampling.
 
@@ -246,4 +280,6 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     """
     shapes = _normalise_shapes(spatial_shapes)
     _check_inputs(value, shapes, sampling_locations, attention_weights)
+    value, sampling_locations, attention_weights = _vary_alike(
+        value, sampling_locations, attention_weights)
     return _ms_deform_attn(value, sampling_locations, attention_weights, shapes)
