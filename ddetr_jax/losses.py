@@ -26,7 +26,8 @@ class LossConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     matcher: MatchWeights = MatchWeights()
-    solver: str = "scipy"
+    solver: str = "scipy"  # or "optax" (on device)
+    nonfinite_costs: str = "raise"  # or "unmatched" (see matcher.match)
 
 
 def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
@@ -84,7 +85,7 @@ def criterion(outputs, batch, num_boxes, config: LossConfig = LossConfig()):
     terms, total = {}, 0.0
     for suffix, out, set_labels in sets:
         query_for_target = match(out["pred_logits"], out["pred_boxes"], set_labels, boxes, valid,
-                                 config.matcher, config.solver)
+                                 config.matcher, config.solver, config.nonfinite_costs)
         if suffix == "":
             terms["num_matched"] = (query_for_target >= 0).sum()
         for name, value in set_losses(out["pred_logits"], out["pred_boxes"], set_labels, boxes,

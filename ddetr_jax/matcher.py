@@ -9,6 +9,7 @@ or optax's on-device Hungarian algorithm. Results have fixed shapes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +50,11 @@ def cost_matrix(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, weights: M
     return weights.class_cost * class_cost + weights.bbox_cost * l1 - weights.giou_cost * giou
 
 
-def _scipy_assign(cost, target_valid):
-    """Host side: cost (B, Q, T), target_valid (B, T) -> (B, T) int32 query per target."""
+def _scipy_assign(cost, target_valid, raise_on_nonfinite: bool):
+    """Host side: cost (B, Q, T), target_valid (B, T) -> (B, T) int32 query per target.
+
+    Non-finite costs raise, or leave the image unmatched (all -1).
+    """
     cost = np.asarray(cost)
     target_valid = np.asarray(target_valid)
     out = np.full(target_valid.shape, -1, np.int32)
@@ -60,6 +64,8 @@ def _scipy_assign(cost, target_valid):
             continue
         sub = cost[b][:, columns]
         if not np.all(np.isfinite(sub)):
+            if not raise_on_nonfinite:
+                continue
             bad = np.argwhere(~np.isfinite(sub))[0]
             raise ValueError(
                 f"matcher: non-finite matching cost for image {b} of this device's batch "
@@ -71,28 +77,36 @@ def _scipy_assign(cost, target_valid):
 
 
 def _optax_assign(cost, target_valid):
-    """On device: cost (B, Q, T) -> (B, T) int32; invalid targets get -1.
+    """On device: cost (B, Q, T) -> (B, T) int32; invalid targets get -1, and so
+    do all targets of an image with non-finite costs (no error on device).
 
     Padded targets get a constant column cost, which never changes the
     assignment of the real ones (every assignment pays it once).
     """
-    cost = jnp.where(target_valid[:, None, :], cost, 0.0)
+    finite = jnp.all(jnp.isfinite(cost) | ~target_valid[:, None, :], axis=(1, 2))  # (B,)
+    cost = jnp.where(target_valid[:, None, :] & finite[:, None, None], cost, 0.0)
 
     def one(c):  # (Q, T) -> (T,)
         rows, cols = optax.assignment.hungarian_algorithm(c)
         return jnp.full((c.shape[1],), -1, jnp.int32).at[cols].set(rows.astype(jnp.int32))
 
-    return jnp.where(target_valid, jax.vmap(one)(cost), -1)
+    return jnp.where(target_valid & finite[:, None], jax.vmap(one)(cost), -1)
 
 
 def match(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, target_valid,
-          weights: MatchWeights = MatchWeights(), solver: str = "scipy"):
+          weights: MatchWeights = MatchWeights(), solver: str = "scipy",
+          nonfinite_costs: str = "raise"):
     """Optimal one-to-one assignment of queries to the real targets of every image.
 
     Returns query_for_target (B, T) int32: the matched query of each target,
     -1 for padded targets (and for targets left over when T_valid > Q).
-    No gradient flows through the matching.
+    No gradient flows through the matching. nonfinite_costs: 'raise' (an
+    error naming image, query and target; scipy solver) or 'unmatched' (that
+    image's targets get -1).
     """
+    if nonfinite_costs not in ("raise", "unmatched"):
+        raise ValueError(f"nonfinite_costs: expected 'raise' or 'unmatched', got "
+                         f"{nonfinite_costs!r}")
     cost = jax.lax.stop_gradient(
         cost_matrix(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, weights))
     if solver == "optax":
@@ -100,5 +114,5 @@ def match(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, target_valid,
     if solver != "scipy":
         raise ValueError(f"solver: expected 'scipy' or 'optax', got {solver!r}")
     result = jax.ShapeDtypeStruct(target_valid.shape, jnp.int32)
-    return jax.pure_callback(_scipy_assign, result, cost, target_valid,
-                             vmap_method="sequential")
+    assign = functools.partial(_scipy_assign, raise_on_nonfinite=nonfinite_costs == "raise")
+    return jax.pure_callback(assign, result, cost, target_valid, vmap_method="sequential")

@@ -182,7 +182,7 @@ class DeformableDETR(nnx.Module):
         shapes = tuple((s.shape[1], s.shape[2]) for s in sources)
         src = jnp.concatenate([s.reshape(b, -1, c.dim) for s in sources], 1)  # (B, S, D)
         pos = jnp.concatenate([p.reshape(b, -1, c.dim) + self.level_embed[level]
-                               for level, p in enumerate(positions)], 1)  # (B, S, D)
+                               for level, p in enumerate(positions)], 1).astype(src.dtype)
         mask = jnp.concatenate([m.reshape(b, -1) for m in masks], 1)  # (B, S)
         ratios = valid_ratios(masks)  # (B, L, 2)
         memory = self.encoder(src, pos, shapes, ratios, mask, deterministic=deterministic)

@@ -1,0 +1,1 @@
+"""Training: optimizer (optax), the data-parallel train step."""
