@@ -1,0 +1,142 @@
+"""Benchmark: one training step of the multi-scale model, JAX vs HF transformers (PyTorch).
+
+Same random weights (the HF model converted), same batch of 2 images at
+512x512 with 5 targets each, runs interleaved. JAX: the jitted data-parallel
+step on one device (forward, matching, losses with auxiliary terms, backward,
+AdamW with parameter groups and clipping). HF: DeformableDetrForObjectDetection
+in train mode with labels (auxiliary loss on, class/bbox/GIoU matching costs
+2/5/2; HF fixes the class loss weight at 1), backward, clip_grad_norm_ 0.1,
+AdamW step. torch uses 2 threads on CPU (OMP_WAIT_POLICY=PASSIVE, see
+benchmarks/ms_deform_attn.py).
+
+    python benchmarks/train_step.py [--device gpu] [--dtype bfloat16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from ddetr_jax.convert import load_torch_checkpoint  # noqa: E402
+from ddetr_jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
+from ddetr_jax.train.step import (data_mesh, init_state, make_train_step, shard_batch,  # noqa: E402
+                                  split_model)
+
+
+def make_batch(size: int, targets: int = 5, batch: int = 2, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return {
+        "images": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+        "pad_mask": np.zeros((batch, size, size), bool),
+        "boxes_cxcywh": np.concatenate([rng.uniform(0.3, 0.7, (batch, targets, 2)),
+                                        rng.uniform(0.1, 0.3, (batch, targets, 2))],
+                                       -1).astype(np.float32),
+        "labels": rng.integers(1, 91, (batch, targets)).astype(np.int32),
+        "target_valid": np.ones((batch, targets), bool),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    torch.set_num_threads(args.threads)
+    tdev = "cuda" if args.device == "gpu" else "cpu"
+    jdev = jax.devices(args.device)[0]
+    torch.manual_seed(0)
+    config = DeformableDetrConfig(
+        num_labels=91, use_timm_backbone=False, use_pretrained_backbone=False,
+        backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]),
+        auxiliary_loss=True, class_cost=2, bbox_cost=5, giou_cost=2)
+    hf = DeformableDetrForObjectDetection(config)
+    with jax.default_device(jdev):
+        model, _ = load_torch_checkpoint(hf.state_dict())
+    hf = hf.to(tdev).train()
+    batch = make_batch(args.size)
+
+    graphdef, params, rest = split_model(model)
+    tx, lr = make_optimizer(params, OptimizerConfig())
+    mesh = data_mesh([jdev])
+    compute_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
+    step = make_train_step(graphdef, rest, tx, lr, mesh, compute_dtype=compute_dtype)
+    state = init_state(params, tx, mesh)
+    jbatch = shard_batch(batch, mesh)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, jbatch, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=2e-4, weight_decay=1e-4)
+    pixel_values = torch.tensor(batch["images"]).permute(0, 3, 1, 2).contiguous().to(tdev)
+    pixel_mask = torch.ones(batch["pad_mask"].shape, dtype=torch.long, device=tdev)
+    labels = [{"class_labels": torch.tensor(batch["labels"][i]).long().to(tdev),
+               "boxes": torch.tensor(batch["boxes_cxcywh"][i]).to(tdev)} for i in range(2)]
+    autocast = torch.autocast(tdev, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def run_torch():
+        optimizer.zero_grad()
+        with autocast:
+            loss = hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.1)
+        optimizer.step()
+        if tdev == "cuda":
+            torch.cuda.synchronize()
+
+    holder = {"state": state}
+
+    def run_jax():
+        holder["state"], metrics = compiled(holder["state"], jbatch, jax.random.key(0))
+        jax.block_until_ready(metrics["loss"])
+
+    run_jax()
+    run_torch()
+    jt, tt = [], []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        run_jax()
+        jt.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        run_torch()
+        tt.append(time.perf_counter() - t)
+    j, tm = statistics.median(jt), statistics.median(tt)
+    print(f"jax {jax.__version__} on {jdev.device_kind}; torch {torch.__version__} on {tdev} "
+          f"({torch.get_num_threads()} threads); multi-scale train step, batch 2 x "
+          f"{args.size}x{args.size}, {args.dtype}, median of {args.repeats}")
+    print(f"JAX compile: {compile_s:.1f} s")
+    print(f"JAX step: {j * 1e3:.0f} ms ({2 / j:.2f} images/s)   HF step: {tm * 1e3:.0f} ms "
+          f"({2 / tm:.2f} images/s)   speed-up: {tm / j:.2f}x")
+    if memory is not None:
+        print(f"JAX XLA temporaries: {memory.temp_size_in_bytes / 2**30:.2f} GiB")
+    if tdev == "cuda":
+        print(f"torch peak allocated: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        stats = jdev.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            print(f"JAX peak in use: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+    print(f"process peak RSS (both frameworks): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
