@@ -12,7 +12,7 @@
    is timed in this process (1 and 2 reader threads) and with 1 and 2 worker
    processes.
 
-    python benchmarks/data_pipeline.py [--images 160] [--batch-size 8] [--buckets 12 16]
+    python benchmarks/input_pipeline.py [--images 160] [--batch-size 8] [--buckets 12 16]
 
 COCO size model: the longer side is 640 pixels for 95% of images (else
 uniform in 300..640); long / short is 4:3 for 50%, 3:2 for 25%, 1:1 for 8%,
