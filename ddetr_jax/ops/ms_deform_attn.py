@@ -22,7 +22,9 @@ How it is computed (shapes per level; K = P * 4 corners per query and head):
         at a time (lax.scan over P), so the largest update is 4x the output.
   Index and weight arrays are materialised once per level
   (lax.optimization_barrier) so the fused loops do not recompute them per
-  element of D.
+  element of D. Sampling locations pass once through an exact identity dot and
+  the pixel coordinates are computed without a multiply feeding an add, so
+  every fusion floors the same coordinate the same way (see _materialised).
 """
 
 from __future__ import annotations
@@ -119,8 +121,10 @@ def _level_corners(loc, height: int, width: int, start: int, num_tokens: int):
     n, _, m = loc.shape[:3]
     loc = loc.astype(_compute_dtype(loc))
     loc = _materialised(loc)
-    x = (loc[..., 0] - 0.5 / width) * width  # (N, Lq, M, P) pixel coordinates
-    y = (loc[..., 1] - 0.5 / height) * height  # (align_corners=False), no a * b + c
+    # Pixel coordinates loc * size - 0.5 (align_corners=False), written so that
+    # no multiply feeds an add: FMA contraction cannot make copies disagree.
+    x = (loc[..., 0] - 0.5 / width) * width  # (N, Lq, M, P)
+    y = (loc[..., 1] - 0.5 / height) * height
     x0 = jnp.floor(x)
     y0 = jnp.floor(y)
     fx = x - x0
