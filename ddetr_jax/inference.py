@@ -27,6 +27,7 @@ from flax import nnx
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from ddetr_jax.convert import CheckpointMismatch, load_converted, load_torch_checkpoint
+from ddetr_jax.data.transforms import resized_hw
 from ddetr_jax.models import DeformableDETR
 from ddetr_jax.postprocess import NUM_TOP, postprocess
 
@@ -129,23 +130,6 @@ def load_image(image) -> np.ndarray:
     raise TypeError(f"image: expected a path, PIL image or uint8 array, got {type(image)}")
 
 
-def resized_size(height: int, width: int, shorter: int, longer: int | None) -> tuple[int, int]:
-    """(height, width) after resizing the shorter side to `shorter`, the longer at most `longer`.
-
-    Mirrors the authors' datasets/transforms.py (resize.get_size_with_aspect_ratio).
-    """
-    size = shorter
-    if longer is not None:
-        low, high = min(height, width), max(height, width)
-        if high / low * size > longer:
-            size = int(round(longer * low / high))
-    if (width <= height and width == size) or (height <= width and height == size):
-        return height, width
-    if width < height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
-
-
 def bucket(length: int, multiple: int) -> int:
     """The smallest multiple of `multiple` that holds `length`."""
     return -(-length // multiple) * multiple
@@ -165,7 +149,7 @@ class Batch:
 def prepare_batch(images: Sequence[np.ndarray], shorter: int, longer: int | None,
                   multiple: int) -> Batch:
     """(H_i, W_i, 3) uint8 images -> one Batch padded to the bucket of the largest."""
-    sizes = [resized_size(im.shape[0], im.shape[1], shorter, longer) for im in images]
+    sizes = [resized_hw(im.shape[:2], shorter, longer) for im in images]
     height = bucket(max(h for h, _ in sizes), multiple)
     width = bucket(max(w for _, w in sizes), multiple)
     pixels = np.zeros((len(images), height, width, 3), np.float32)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ddetr_jax.convert import CheckpointMismatch, save_converted
 from ddetr_jax.inference import (IMAGENET_MEAN, IMAGENET_STD, Detector, load_image, load_model,
-                                 plot_attention, prepare_batch, resized_size)
+                                 plot_attention, prepare_batch)
 from ddetr_jax.models import DeformableDETR, ModelConfig
 from ddetr_jax.postprocess import postprocess
 
@@ -46,11 +46,12 @@ def random_image(height, width, seed=0, channels=3):
 
 
 def test_resized_size_follows_the_authors_resize():
-    assert resized_size(480, 640, 800, 1333) == (800, 1066)
-    assert resized_size(640, 480, 800, 1333) == (1066, 800)
-    assert resized_size(500, 1500, 800, 1333) == (444, 1332)  # longer side capped
-    assert resized_size(800, 1000, 800, 1333) == (800, 1000)  # already the right size
-    assert resized_size(100, 150, 128, None) == (128, 192)
+    from ddetr_jax.data.transforms import resized_hw
+    assert resized_hw((480, 640), 800, 1333) == (800, 1066)
+    assert resized_hw((640, 480), 800, 1333) == (1066, 800)
+    assert resized_hw((500, 1500), 800, 1333) == (444, 1332)  # longer side capped
+    assert resized_hw((800, 1000), 800, 1333) == (800, 1000)  # already the right size
+    assert resized_hw((100, 150), 128, None) == (128, 192)
 
 
 def test_prepare_batch_normalises_pads_and_buckets():
