@@ -28,6 +28,7 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import random_hf_detr  # noqa: E402
 from ddetr_jax.convert import load_torch_checkpoint  # noqa: E402
 from ddetr_jax.inference import Detector  # noqa: E402
 
@@ -59,17 +60,11 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
     from transformers.models.deformable_detr.image_processing_pil_deformable_detr import \
         DeformableDetrImageProcessorPil
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = DeformableDetrConfig(num_labels=91, use_timm_backbone=False,
-                                  use_pretrained_backbone=False,
-                                  backbone_config=ResNetConfig(
-                                      out_features=["stage2", "stage3", "stage4"]))
-    hf = DeformableDetrForObjectDetection(config).eval()
+    hf = random_hf_detr().eval()
     processor = DeformableDetrImageProcessorPil()
     model, _ = load_torch_checkpoint(hf.state_dict())
     detector = Detector(model, size_multiple=args.size_multiple,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -24,6 +23,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import random_hf_detr, time_interleaved  # noqa: E402
 from ddetr_jax.convert import load_torch_checkpoint  # noqa: E402
 
 
@@ -36,17 +36,11 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
     torch.set_num_threads(args.threads)
     tdev = "cuda" if args.device == "gpu" else "cpu"
     jdev = jax.devices(args.device)[0]
-    torch.manual_seed(0)
-    config = DeformableDetrConfig(num_labels=91, use_timm_backbone=False,
-                                  use_pretrained_backbone=False,
-                                  backbone_config=ResNetConfig(
-                                      out_features=["stage2", "stage3", "stage4"]))
-    hf = DeformableDetrForObjectDetection(config).eval()
+    hf = random_hf_detr().eval()
     with jax.default_device(jdev):
         model, _ = load_torch_checkpoint(hf.state_dict())
     hf = hf.to(tdev)
@@ -72,17 +66,7 @@ def main():
         if tdev == "cuda":
             torch.cuda.synchronize()
 
-    run_jax()
-    run_torch()
-    jt, tt = [], []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        run_jax()
-        jt.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        run_torch()
-        tt.append(time.perf_counter() - t)
-    j, tm = statistics.median(jt), statistics.median(tt)
+    j, tm = time_interleaved(run_jax, run_torch, args.repeats)
     print(f"jax {jax.__version__} on {jdev.device_kind}; torch {torch.__version__} on {tdev} "
           f"({torch.get_num_threads()} threads); multi-scale, batch 2 x {args.size}x{args.size}, "
           f"median of {args.repeats}")

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+from common import time_interleaved  # noqa: E402
 from ddetr_jax.ops import ms_deform_attn  # noqa: E402
 
 LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
@@ -59,20 +57,6 @@ def jax_fns(device):
         return vjp(g)
 
     return jax.jit(fwd), jax.jit(fwd_bwd)
-
-
-def time_pair(run_jax, run_torch, repeats: int):
-    run_jax()
-    run_torch()  # warm-up (compile / allocator)
-    jt, tt = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_jax()
-        jt.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        run_torch()
-        tt.append(time.perf_counter() - t0)
-    return statistics.median(jt), statistics.median(tt)
 
 
 def main():
@@ -116,7 +100,7 @@ def main():
              run_torch_fwd_bwd),
         )
         for pass_name, run_jax, run_torch in cells:
-            jt, tt = time_pair(run_jax, run_torch, args.repeats)
+            jt, tt = time_interleaved(run_jax, run_torch, args.repeats)
             print(f"{name:<10} {pass_name:<9} {jt * 1e3:9.2f} {tt * 1e3:9.2f} {tt / jt:8.2f}x",
                   flush=True)
 

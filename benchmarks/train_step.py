@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import sys
 import time
 
@@ -30,6 +29,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import random_hf_detr, time_interleaved  # noqa: E402
 from ddetr_jax.convert import load_torch_checkpoint  # noqa: E402
 from ddetr_jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 from ddetr_jax.train.step import (data_mesh, init_state, make_train_step, shard_batch,  # noqa: E402
@@ -59,17 +59,11 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
     torch.set_num_threads(args.threads)
     tdev = "cuda" if args.device == "gpu" else "cpu"
     jdev = jax.devices(args.device)[0]
-    torch.manual_seed(0)
-    config = DeformableDetrConfig(
-        num_labels=91, use_timm_backbone=False, use_pretrained_backbone=False,
-        backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]),
-        auxiliary_loss=True, class_cost=2, bbox_cost=5, giou_cost=2)
-    hf = DeformableDetrForObjectDetection(config)
+    hf = random_hf_detr(auxiliary_loss=True, class_cost=2, bbox_cost=5, giou_cost=2)
     with jax.default_device(jdev):
         model, _ = load_torch_checkpoint(hf.state_dict())
     hf = hf.to(tdev).train()
@@ -110,17 +104,7 @@ def main():
         holder["state"], metrics = compiled(holder["state"], jbatch, jax.random.key(0))
         jax.block_until_ready(metrics["loss"])
 
-    run_jax()
-    run_torch()
-    jt, tt = [], []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        run_jax()
-        jt.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        run_torch()
-        tt.append(time.perf_counter() - t)
-    j, tm = statistics.median(jt), statistics.median(tt)
+    j, tm = time_interleaved(run_jax, run_torch, args.repeats)
     print(f"jax {jax.__version__} on {jdev.device_kind}; torch {torch.__version__} on {tdev} "
           f"({torch.get_num_threads()} threads); multi-scale train step, batch 2 x "
           f"{args.size}x{args.size}, {args.dtype}, median of {args.repeats}")

@@ -6,7 +6,6 @@ depth is reduced to 2 + 2 layers to keep CI fast; every code path (aux
 outputs, refinement from layer 1 on, two-stage) is still taken.
 """
 
-import os
 
 import jax
 import numpy as np
@@ -15,8 +14,7 @@ import torch
 from flax import nnx
 from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
-from ddetr_jax.convert import CheckpointMismatch, load_converted, load_torch_checkpoint, \
-    save_converted
+from ddetr_jax.convert import CheckpointMismatch, load_converted, load_torch_checkpoint
 
 HEIGHT, WIDTH = 96, 128
 VARIANTS = {

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from ddetr_jax.train.optimizer import OptimizerConfig, make_optimizer, param_group
 from ddetr_jax.train.step import data_mesh, init_state, make_train_step, shard_batch, split_model

@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmarks: interleaved timing, a random-weight HF model."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def time_interleaved(run_jax, run_torch, repeats: int) -> tuple[float, float]:
+    """Median seconds of each, after one warm-up each, runs alternating."""
+    run_jax()
+    run_torch()
+    jax_times, torch_times = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_jax()
+        jax_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        run_torch()
+        torch_times.append(time.perf_counter() - t0)
+    return statistics.median(jax_times), statistics.median(torch_times)
+
+
+def random_hf_detr(seed: int = 0, **config_kwargs):
+    """HF DeformableDetrForObjectDetection with random weights, built offline, with
+    the paper's ResNet-50 C3-C5 backbone (REFERENCE.md section 4)."""
+    import torch
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    torch.manual_seed(seed)
+    config = DeformableDetrConfig(
+        num_labels=91, use_timm_backbone=False, use_pretrained_backbone=False,
+        backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]),
+        **config_kwargs)
+    return DeformableDetrForObjectDetection(config)
