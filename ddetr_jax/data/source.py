@@ -15,6 +15,9 @@ Two kinds of dataset are read the same way:
     boxes_xyxy   (N, 4) float32, absolute pixels of the original image
     labels       (N,) int32, COCO category ids
     is_crowd     (N,) bool
+    area         (N,) float32, COCO's area (segmentation area), for evaluation
+
+`categories` lists [{"id", "name"}] of the dataset, sorted by id.
 """
 
 import io
@@ -41,6 +44,16 @@ def latest_version_dir(data_dir, name):
     if not versions:
         raise FileNotFoundError(f"{base}: no prepared versions (x.y.z folders)")
     return max(versions)[1]
+
+
+def categories_of(info):
+    """[{"id", "name"}] of a dataset, from its metadata or TFDS coco's label names."""
+    ids = category_ids_of(info)
+    if info.metadata and "categories" in info.metadata:
+        names = [c["name"] for c in info.metadata["categories"]]
+    else:
+        names = info.features["objects"]["label"].names
+    return [{"id": int(i), "name": str(n)} for i, n in zip(ids, names)]
 
 
 def category_ids_of(info):
@@ -75,6 +88,7 @@ class DetectionSource:
         self.dataset_dir, self.split = str(pathlib.Path(dataset_dir).expanduser()), split
         builder = tfds.builder_from_directory(self.dataset_dir)
         self.category_ids = category_ids_of(builder.info)
+        self.categories = categories_of(builder.info)
         self.has_category_id = "category_id" in builder.info.features["objects"]
         self._records = builder.as_data_source(
             split, decoders={"image": tfds.decode.SkipDecoding()})
@@ -108,4 +122,5 @@ class DetectionSource:
             "boxes_xyxy": bbox[:, [1, 0, 3, 2]] * scale,  # (N, 4) x0 y0 x1 y1 pixels
             "labels": labels.astype(np.int32),
             "is_crowd": np.asarray(objects["is_crowd"], bool).reshape(-1),
+            "area": np.asarray(objects["area"], np.float32).reshape(-1),
         }

@@ -2,6 +2,12 @@
 
 Mirrors torchvision's ResNet v1.5 (stride in the 3x3 conv) as used by the
 authors (models/backbone.py: Backbone, FrozenBatchNorm2d). Images are NHWC.
+
+norm="frozen_batch_norm" is the published backbone (ImageNet weights, stem and
+layer1 never train). norm="group_norm" is for training from scratch, where
+there are no batch statistics to freeze: trainable GroupNorm (32 groups) after
+every conv, the last norm of every residual branch starting at zero scale (so
+each block starts as the identity), and every stage trains.
 """
 
 from __future__ import annotations
@@ -43,10 +49,23 @@ def _conv(in_features, out_features, kernel, stride=1, dilation=1, *, rngs):
                     rngs=rngs)
 
 
+NORMS = ("frozen_batch_norm", "group_norm")
+GROUPS = 32
+
+
 class ConvBN(nnx.Module):
-    def __init__(self, in_features, out_features, kernel, stride=1, dilation=1, *, rngs):
+    """Conv then norm (see the module doc); zero_scale starts a group norm at 0."""
+
+    def __init__(self, in_features, out_features, kernel, stride=1, dilation=1, *,
+                 norm="frozen_batch_norm", zero_scale=False, rngs):
         self.conv = _conv(in_features, out_features, kernel, stride, dilation, rngs=rngs)
-        self.bn = FrozenBatchNorm(out_features)
+        if norm == "group_norm":
+            self.bn = nnx.GroupNorm(out_features, num_groups=min(GROUPS, out_features),
+                                    epsilon=1e-5, rngs=rngs,
+                                    scale_init=(nnx.initializers.zeros if zero_scale
+                                                else nnx.initializers.ones))
+        else:
+            self.bn = FrozenBatchNorm(out_features)
 
     def __call__(self, x):
         return self.bn(self.conv(x))
@@ -57,12 +76,12 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, in_features, width, stride, dilation, *, rngs):
+    def __init__(self, in_features, width, stride, dilation, *, norm, rngs):
         out_features = width * self.expansion
-        self.conv1 = ConvBN(in_features, width, 1, rngs=rngs)
-        self.conv2 = ConvBN(width, width, 3, stride, dilation, rngs=rngs)
-        self.conv3 = ConvBN(width, out_features, 1, rngs=rngs)
-        self.downsample = (ConvBN(in_features, out_features, 1, stride, rngs=rngs)
+        self.conv1 = ConvBN(in_features, width, 1, norm=norm, rngs=rngs)
+        self.conv2 = ConvBN(width, width, 3, stride, dilation, norm=norm, rngs=rngs)
+        self.conv3 = ConvBN(width, out_features, 1, norm=norm, zero_scale=True, rngs=rngs)
+        self.downsample = (ConvBN(in_features, out_features, 1, stride, norm=norm, rngs=rngs)
                            if stride != 1 or in_features != out_features else None)
 
     def __call__(self, x):
@@ -77,10 +96,10 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, in_features, width, stride, dilation, *, rngs):
-        self.conv1 = ConvBN(in_features, width, 3, stride, dilation, rngs=rngs)
-        self.conv2 = ConvBN(width, width, 3, 1, dilation, rngs=rngs)
-        self.downsample = (ConvBN(in_features, width, 1, stride, rngs=rngs)
+    def __init__(self, in_features, width, stride, dilation, *, norm, rngs):
+        self.conv1 = ConvBN(in_features, width, 3, stride, dilation, norm=norm, rngs=rngs)
+        self.conv2 = ConvBN(width, width, 3, 1, dilation, norm=norm, zero_scale=True, rngs=rngs)
+        self.downsample = (ConvBN(in_features, width, 1, stride, norm=norm, rngs=rngs)
                            if stride != 1 or in_features != width else None)
 
     def __call__(self, x):
@@ -103,11 +122,15 @@ class ResNet(nnx.Module):
     block of layer4 keeps dilation 1, the others use 2.
     """
 
-    def __init__(self, depth: int = 50, dilation: bool = False, *, rngs: nnx.Rngs):
+    def __init__(self, depth: int = 50, dilation: bool = False, norm: str = "frozen_batch_norm",
+                 *, rngs: nnx.Rngs):
         if depth not in RESNET_LAYERS:
             raise ValueError(f"depth: expected one of {sorted(RESNET_LAYERS)}, got {depth}")
+        if norm not in NORMS:
+            raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
         block = Bottleneck if depth >= 50 else BasicBlock
-        self.stem = ConvBN(3, 64, 7, 2, rngs=rngs)
+        self.freeze_early = norm == "frozen_batch_norm"
+        self.stem = ConvBN(3, 64, 7, 2, norm=norm, rngs=rngs)
         in_features = 64
         stages = []
         for index, (count, width) in enumerate(zip(RESNET_LAYERS[depth], (64, 128, 256, 512))):
@@ -118,7 +141,7 @@ class ResNet(nnx.Module):
             blocks = []
             for b in range(count):
                 blocks.append(block(in_features, width, stride if b == 0 else 1, dilations[b],
-                                    rngs=rngs))
+                                    norm=norm, rngs=rngs))
                 in_features = width * block.expansion
             stages.append(nnx.List(blocks))
         self.layers = nnx.List(stages)
@@ -128,15 +151,15 @@ class ResNet(nnx.Module):
     def __call__(self, images):
         """images: (B, H, W, 3) -> [C3 (B, H/8, W/8, c3), C4, C5].
 
-        The stem and layer1 never train (the authors' train_backbone rule):
-        no gradient flows into them.
+        With frozen batch norm the stem and layer1 never train (the authors'
+        train_backbone rule): no gradient flows into them.
         """
         x = _max_pool_3x3_s2(jax.nn.relu(self.stem(images)))
         outputs = []
         for index, stage in enumerate(self.layers):
             for blk in stage:
                 x = blk(x)
-            if index == 0:
+            if index == 0 and self.freeze_early:
                 x = jax.lax.stop_gradient(x)
             outputs.append(x)
         return outputs[1:]

@@ -3,7 +3,8 @@
 Mirrors the authors' main.py: lr 2e-4, backbone 2e-5, parameters whose names
 contain sampling_offsets or reference_points at lr * 0.1, weight decay 1e-4
 on everything trained, global-norm clipping 0.1, lr * 0.1 at the drop step.
-Frozen parameters (stem, layer1) get no update and no optimizer state.
+Frozen parameters (stem, layer1, when the backbone uses frozen batch norm:
+freeze_stem) get no update and no optimizer state.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ class OptimizerConfig:
     clip_max_norm: float = 0.1
     lr_drop_step: int = 40
     warmup_steps: int = 0
+    freeze_stem: bool = True  # False for ModelConfig(backbone_norm="group_norm")
 
 
-def param_group(path: tuple) -> str:
+def param_group(path: tuple, freeze_stem: bool = True) -> str:
     """'frozen', 'backbone', 'linear_proj' or 'default' for a module path.
 
     path: the parameter's path in the model's state, e.g.
@@ -36,7 +38,7 @@ def param_group(path: tuple) -> str:
     """
     names = [str(p) for p in path]
     if names[0] == "backbone":
-        if names[1] == "stem" or names[1:3] == ["layers", "0"]:
+        if freeze_stem and (names[1] == "stem" or names[1:3] == ["layers", "0"]):
             return "frozen"
         return "backbone"
     if any(proj in name for name in names for proj in LINEAR_PROJ_NAMES):
@@ -53,11 +55,11 @@ def schedule(base_lr: float, config: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, step_decay], [config.warmup_steps])
 
 
-def group_labels(params: nnx.State):
+def group_labels(params: nnx.State, freeze_stem: bool = True):
     """The param_group of every leaf of a Param state, as a matching pytree."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: param_group(tuple(getattr(k, "key", getattr(k, "idx", k))
-                                          for k in path)), params)
+                                          for k in path), freeze_stem), params)
 
 
 def make_optimizer(params: nnx.State, config: OptimizerConfig = OptimizerConfig()):
@@ -72,5 +74,5 @@ def make_optimizer(params: nnx.State, config: OptimizerConfig = OptimizerConfig(
         "frozen": optax.set_to_zero(),
     }
     tx = optax.chain(optax.clip_by_global_norm(config.clip_max_norm),
-                     optax.multi_transform(groups, group_labels(params)))
+                     optax.multi_transform(groups, group_labels(params, config.freeze_stem)))
     return tx, schedule(config.lr, config)

@@ -44,6 +44,9 @@ def init_state(params, tx, mesh: Mesh) -> TrainState:
     """Fresh state, replicated over the mesh (the layout the step returns, so
     the second call reuses the first call's compilation)."""
     state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    # One buffer per leaf: leaves that are the same array object (optimizer
+    # states may share constants) would otherwise be donated twice.
+    state = jax.tree.map(lambda x: np.array(x, copy=True), state)
     return jax.device_put(state, NamedSharding(mesh, P()))
 
 

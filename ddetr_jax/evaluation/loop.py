@@ -1,0 +1,101 @@
+"""Evaluating a model on a dataset split, data-parallel: shared by train.py and evaluate.py.
+
+    predict = make_predict_fn(graphdef, mesh)
+    metrics = evaluate_model(predict, state, batches, ground_truth_from_source(source), mesh)
+
+The forward pass and post-processing run under jit + shard_map over the
+('data',) mesh (each device its slice of the global batch, parameters
+replicated); each process adds its own examples to a CocoAccumulator, which
+gathers every process's detections and evaluates once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ddetr_jax.evaluation.coco import CocoAccumulator
+from ddetr_jax.postprocess import NUM_TOP, postprocess
+
+EVAL_KEYS = ("images", "pad_mask", "orig_size")
+
+
+def ground_truth_from_source(source) -> dict:
+    """A COCO-format dict (images, annotations, categories) of every example of
+    a DetectionSource, for COCO evaluation without the original JSON.
+
+    Boxes are [x, y, w, h] in original pixels, area and iscrowd as stored.
+    """
+    images, annotations = [], []
+    for index in range(len(source)):
+        element = source[index]
+        height, width = (int(v) for v in element["orig_size"])
+        images.append({"id": int(element["image_id"]), "height": height, "width": width})
+        for box, label, crowd, area in zip(element["boxes_xyxy"], element["labels"],
+                                           element["is_crowd"], element["area"]):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            annotations.append({"id": len(annotations) + 1, "image_id": int(element["image_id"]),
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area),
+                                "iscrowd": int(crowd), "category_id": int(label)})
+    return {"images": images, "annotations": annotations,
+            "categories": [dict(c) for c in source.categories]}
+
+
+def make_predict_fn(graphdef, mesh: Mesh, num_top: int = NUM_TOP):
+    """jit(shard_map) of forward + postprocess.
+
+    predict(states, batch) with states = a tuple of nnx.States that make up the
+    whole model with graphdef (replicated; e.g. (state,) from nnx.split(model),
+    or (params, rest) from step.split_model) and batch EVAL_KEYS arrays, global batch sharded over 'data' -> {'scores',
+    'labels', 'boxes_xyxy', 'queries'} of shape (B, num_top[, 4]), sharded alike.
+    """
+    def per_device(states, batch):
+        model = nnx.merge(graphdef, *states)
+        out = model(batch["images"], batch["pad_mask"], deterministic=True)
+        return postprocess(out["pred_logits"], out["pred_boxes"], batch["orig_size"], num_top)
+
+    batch_spec = {k: P("data") for k in EVAL_KEYS}
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), batch_spec),
+                                 out_specs=P("data")))
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a global array sharded over its leading axis, in
+    order (the rows this process contributed with make_array_from_process_local_data)."""
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, rows = set(), []
+    for shard in shards:
+        start = shard.index[0].start or 0
+        if start not in seen:  # a replicated axis would repeat rows
+            seen.add(start)
+            rows.append(np.asarray(shard.data))
+    return np.concatenate(rows)
+
+
+def evaluate_model(predict, states, batches, ground_truth, mesh: Mesh, *,
+                   results_path=None, on_batch=None) -> dict:
+    """COCO metrics of the model over `batches` (this process's eval batches).
+
+    Collective: every process calls it with its own batches (eval_dataset
+    gives every process the same number). on_batch(batch, detections) is
+    called with this process's numpy batch and detections (e.g. to draw
+    them). Returns CocoAccumulator.evaluate's dict plus 'eval_seconds'.
+    """
+    start = time.perf_counter()
+    accumulator = CocoAccumulator(ground_truth)
+    sharding = NamedSharding(mesh, P("data"))
+    for batch in batches:
+        inputs = {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+                  for k in EVAL_KEYS}
+        detections = {k: local_rows(v) for k, v in predict(states, inputs).items()}
+        accumulator.add(batch["image_id"], detections["scores"], detections["labels"],
+                        detections["boxes_xyxy"], batch["example_valid"])
+        if on_batch is not None:
+            on_batch(batch, detections)
+    metrics = accumulator.evaluate(results_path=results_path)
+    metrics["eval_seconds"] = time.perf_counter() - start
+    return metrics

@@ -1,0 +1,65 @@
+"""The published recipe as an ml_collections ConfigDict: the base of configs/*.py.
+
+The authors' main.py defaults and configs/r50_deformable_detr.sh: global
+batch 32 (2 images on each of 16 GPUs), 50 epochs, lr drop at epoch 40,
+AdamW 2e-4 / backbone 2e-5 / sampling offsets and reference points x0.1,
+weight decay 1e-4, clipping 0.1, losses 2 / 5 / 2, COCO 2017 from TFDS.
+"""
+
+import ml_collections
+
+from ddetr_jax.data.transforms import TransformConfig
+
+# 12 (H, W) buckets for the 800..1333 recipe, chosen with buckets.choose_buckets(multiple=32)
+# on the COCO-like size model of benchmarks/input_pipeline.py (padding: docs/benchmarks.md).
+PUBLISHED_BUCKETS = (
+    (544, 640), (576, 768), (736, 640), (640, 864), (896, 672), (800, 832), (736, 992),
+    (1024, 800), (800, 1088), (1216, 800), (800, 1344), (1344, 1344))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    t = TransformConfig()
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+    c.global_batch_size = 32
+    c.eval_batch_size = 0  # 0: the global batch size
+    c.num_epochs = 50
+    c.lr_drop_epochs = 40
+    c.total_steps = 0  # > 0 overrides num_epochs
+    c.lr_drop_step = 0  # > 0 overrides lr_drop_epochs
+    c.log_every_steps = 50
+    c.eval_every_steps = -1  # -1: every epoch; 0: only at the end
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3  # the latest k, plus the best by eval/AP
+    c.max_consecutive_nonfinite = 20
+    c.compute_dtype = "float32"  # or "bfloat16" (float32 parameters)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "coco/2017"  # a TFDS dataset under data_dir (see README: Data)
+    c.data.data_dir = "~/tensorflow_datasets"
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.synthetic = ml_collections.ConfigDict()  # empty: not synthetic (see quickstart.py)
+    c.data.buckets = PUBLISHED_BUCKETS
+    c.data.max_targets = 100
+    c.data.scales = t.scales
+    c.data.max_size = t.max_size
+    c.data.crop_resize_scales = t.crop_resize_scales
+    c.data.crop_size = t.crop_size
+    c.data.val_scale = t.val_scale
+    c.data.num_workers = 4
+    c.data.num_threads = 8
+    c.data.prefetch = 2
+
+    c.model = ml_collections.ConfigDict(dict(
+        num_classes=91, backbone_depth=50, dilation=False, backbone_norm="frozen_batch_norm",
+        num_feature_levels=4, dim=256, ffn_dim=1024, heads=8, enc_layers=6, dec_layers=6,
+        enc_points=4, dec_points=4, num_queries=300, dropout=0.1, with_box_refine=False,
+        two_stage=False))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=2e-4, lr_backbone=2e-5, lr_linear_proj_mult=0.1, weight_decay=1e-4,
+        clip_max_norm=0.1, warmup_steps=0, freeze_stem=True))
+    c.loss = ml_collections.ConfigDict(dict(
+        class_weight=2.0, bbox_weight=5.0, giou_weight=2.0, focal_alpha=0.25, focal_gamma=2.0,
+        class_cost=2.0, bbox_cost=5.0, giou_cost=2.0, solver="scipy"))
+    return c

@@ -1,0 +1,263 @@
+"""The training run behind train.py: data, model, step, evaluation, checkpoints, resume.
+
+    final_metrics = train(config, workdir)   # config: ml_collections ConfigDict
+
+Every device of every process joins one ('data',) mesh; each process reads
+its own share of every global batch. The run resumes from the latest
+checkpoint in WORKDIR (same data order, RNG and schedule: the data iterator
+state is in the checkpoint, the dropout RNG is derived from the seed and the
+update count). SIGTERM or SIGINT saves a checkpoint at the next step
+boundary, then exits. Non-finite steps leave the state unchanged (the step
+skips them); after max_consecutive_nonfinite of them in a row the run stops
+with RuntimeError, its checkpoints untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ddetr_jax.data import pipeline
+from ddetr_jax.data.catalog import open_split
+from ddetr_jax.evaluation.coco import METRICS, format_metrics
+from ddetr_jax.evaluation.loop import evaluate_model, ground_truth_from_source, make_predict_fn
+from ddetr_jax.models import DeformableDETR
+from ddetr_jax.train import run_config, settings as settings_lib
+from ddetr_jax.train.checkpoint import Checkpoints
+from ddetr_jax.train.metrics import IntervalMean, MetricsWriter
+from ddetr_jax.train.optimizer import make_optimizer
+from ddetr_jax.train.progress import Progress
+from ddetr_jax.train.step import data_mesh, init_state, make_train_step, shard_batch, split_model
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+class _StopSignal:
+    """Remembers SIGTERM / SIGINT until the loop reaches a step boundary."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def any_process(self) -> bool:
+        """Whether any process got a signal (collective when there are several)."""
+        flag = np.int32(self.received is not None)
+        if jax.process_count() > 1:
+            flag = np.asarray(multihost_utils.process_allgather(flag)).max()
+        return bool(flag)
+
+
+def _open_data(s: settings_lib.DataSettings):
+    """(train source, eval source); process 0 prepares a missing synthetic dataset first."""
+    if s.synthetic and jax.process_index() == 0:
+        open_split(s.data_dir, s.name, s.train_split, s.synthetic)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ddetr_jax: dataset ready")
+    return (open_split(s.data_dir, s.name, s.train_split, s.synthetic),
+            open_split(s.data_dir, s.name, s.eval_split, s.synthetic))
+
+
+class Trainer:
+    """One training run; `run()` trains from the latest checkpoint to total_steps."""
+
+    def __init__(self, config, workdir, *, override_config: bool = False):
+        self.workdir = pathlib.Path(workdir).expanduser()
+        self.config = config
+        self.is_main = jax.process_index() == 0
+        self.mesh = data_mesh()
+        run_config.check_and_save(config, self.workdir, override=override_config, write=False)
+        train_source, self.eval_source = _open_data(settings_lib.data_settings(config))
+        self.train_sizes = pipeline.read_sizes(train_source)
+        train_batch, _ = settings_lib.batch_configs(config, jax.process_count())
+        per_epoch = pipeline.steps_per_epoch(len(train_source), train_batch)
+        self.s = s = settings_lib.resolve(config, per_epoch, jax.process_count())
+        settings_lib.check_devices(s.train_batch.global_batch_size, self.mesh.size,
+                                   "global_batch_size")
+        settings_lib.check_devices(s.eval_batch.global_batch_size, self.mesh.size,
+                                   "eval_batch_size")
+        run_config.check_and_save(config, self.workdir, override=override_config,
+                                  write=self.is_main)
+        self.train_source = train_source
+
+        model = DeformableDETR(s.model, rngs=nnx.Rngs(s.seed))
+        self.graphdef, params, rest = split_model(model)
+        self.rest = jax.device_put(rest, NamedSharding(self.mesh, P()))
+        self.tx, self.lr = make_optimizer(params, s.optimizer)
+        self.state = init_state(params, self.tx, self.mesh)
+        self.step_fn = make_train_step(self.graphdef, rest, self.tx, self.lr, self.mesh,
+                                       s.loss, DTYPES[s.compute_dtype])
+        self.predict = make_predict_fn(self.graphdef, self.mesh)
+        self.checkpoints = Checkpoints(self.workdir, s.keep_checkpoints)
+        self.ground_truth = None
+        self.consecutive_nonfinite = 0
+        self.nonfinite_total = 0
+
+    # ----------------------------------------------------------------- pieces
+
+    def _train_iterator(self):
+        s = self.s
+        epochs = -(-s.total_steps // s.steps_per_epoch)
+        dataset = pipeline.train_dataset(
+            self.train_source, s.train_batch, seed=s.seed, num_epochs=epochs,
+            sizes=self.train_sizes, process_index=jax.process_index(),
+            process_count=jax.process_count(), num_workers=s.data.num_workers,
+            num_threads=s.data.num_threads, prefetch=s.data.prefetch)
+        return iter(dataset)
+
+    def _save(self, iteration, iterator, metrics=None):
+        extra = {"data_iterator": iterator.get_state(),
+                 "consecutive_nonfinite": self.consecutive_nonfinite,
+                 "nonfinite_total": self.nonfinite_total}
+        self.checkpoints.save(iteration, self.state, extra, metrics)
+
+    def _restore(self, iterator) -> int:
+        latest = self.checkpoints.latest_step()
+        if latest is None:
+            return 0
+        self.state, extra = self.checkpoints.restore(latest, self.state)
+        iterator.set_state(extra["data_iterator"])
+        self.consecutive_nonfinite = int(extra["consecutive_nonfinite"])
+        self.nonfinite_total = int(extra["nonfinite_total"])
+        log.info("resumed from %s at iteration %d", self.checkpoints.directory, latest)
+        return latest
+
+    def evaluate(self, iteration: int, writer: MetricsWriter) -> dict:
+        s = self.s
+        if self.ground_truth is None:
+            self.ground_truth = ground_truth_from_source(self.eval_source)
+        batches = pipeline.eval_dataset(
+            self.eval_source, s.eval_batch, process_index=jax.process_index(),
+            process_count=jax.process_count(), num_workers=0,
+            num_threads=s.data.num_threads, prefetch=s.data.prefetch)
+        metrics = evaluate_model(self.predict, (self.state.params, self.rest), batches,
+                                 self.ground_truth, self.mesh)
+        writer.write(iteration, "eval", {k: metrics[k] for k in METRICS})
+        if self.is_main:
+            print(f"evaluation at step {iteration} ({metrics['num_images']} images, "
+                  f"{metrics['eval_seconds']:.1f} s):\n{format_metrics(metrics)}", flush=True)
+        return metrics
+
+    def _check_finite(self, iteration: int, nonfinite: bool) -> None:
+        if not nonfinite:
+            self.consecutive_nonfinite = 0
+            return
+        self.consecutive_nonfinite += 1
+        self.nonfinite_total += 1
+        log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row, "
+                    "%d in total)", iteration, self.consecutive_nonfinite, self.nonfinite_total)
+        if self.consecutive_nonfinite >= self.s.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"step {iteration}: {self.consecutive_nonfinite} consecutive non-finite steps "
+                f"(max_consecutive_nonfinite={self.s.max_consecutive_nonfinite}); stopping. "
+                f"The checkpoints in {self.checkpoints.directory} hold the last finite state. "
+                "Lower the learning rate or check the data.")
+
+    # ----------------------------------------------------------------- the loop
+
+    def run(self) -> dict:
+        """Trains to total_steps (or until a stop signal); returns the last evaluation's
+        metrics ({} if stopped by a signal before any)."""
+        s = self.s
+        iterator = self._train_iterator()
+        start = self._restore(iterator)
+        writer = MetricsWriter(self.workdir, resume_step=start if start else None,
+                               enabled=self.is_main)
+        progress = Progress(start, s.total_steps, s.steps_per_epoch,
+                            s.train_batch.global_batch_size, enabled=self.is_main)
+        rng = jax.random.key(s.seed)
+        means, last_eval, pending = IntervalMean(), {}, None
+        try:
+            with _StopSignal() as stop:
+                for iteration in range(start + 1, s.total_steps + 1):
+                    batch = shard_batch(next(iterator), self.mesh)
+                    self.state, metrics = self.step_fn(self.state, batch, rng)
+                    if pending is not None:  # read the previous step's metrics: no stall
+                        self._after_step(*pending, means, writer, progress)
+                    pending = (iteration, metrics)
+                    if self._boundary(iteration):
+                        self._after_step(*pending, means, writer, progress)
+                        pending = None
+                        last_eval = self._at_boundary(iteration, iterator, writer) or last_eval
+                    if stop.any_process():
+                        if pending is not None:
+                            self._after_step(*pending, means, writer, progress)
+                        self._save(iteration, iterator)
+                        self.checkpoints.wait()
+                        print(f"stopped by signal at step {iteration}; checkpoint saved in "
+                              f"{self.checkpoints.directory}", flush=True)
+                        return last_eval
+        finally:
+            progress.close()
+            writer.close()
+            self.checkpoints.wait()
+        return last_eval
+
+    def _boundary(self, iteration: int) -> bool:
+        s = self.s
+        return (iteration % s.log_every_steps == 0 or iteration == s.total_steps
+                or iteration % s.checkpoint_every_steps == 0 or self._eval_due(iteration))
+
+    def _eval_due(self, iteration: int) -> bool:
+        s = self.s
+        return iteration == s.total_steps or (
+            s.eval_every_steps > 0 and iteration % s.eval_every_steps == 0)
+
+    def _after_step(self, iteration, metrics, means, writer, progress):
+        metrics = jax.device_get(metrics)
+        self._check_finite(iteration, bool(metrics["nonfinite"]))
+        means.add(metrics)
+        progress.update(iteration, float(metrics["loss"]))
+        s = self.s
+        if iteration % s.log_every_steps == 0 or iteration == s.total_steps:
+            record = means.pop()
+            record["nonfinite_total"] = self.nonfinite_total
+            record["epoch"] = (iteration - 1) // s.steps_per_epoch
+            writer.write(iteration, "train", record)
+            progress.log(f"step {iteration}: " + ", ".join(
+                f"{k} {record[k]:.4g}" for k in ("loss", "loss_ce", "loss_bbox", "loss_giou",
+                                                 "grad_norm", "lr") if k in record))
+
+    def _at_boundary(self, iteration, iterator, writer) -> dict | None:
+        evaluation = self.evaluate(iteration, writer) if self._eval_due(iteration) else None
+        if evaluation is not None or iteration % self.s.checkpoint_every_steps == 0:
+            self._save(iteration, iterator,
+                       None if evaluation is None else {"eval/AP": evaluation["AP"]})
+        return evaluation
+
+
+def train(config, workdir, *, override_config: bool = False) -> dict:
+    """Runs (or resumes) the training run of `config` in `workdir`; returns the final
+    evaluation metrics."""
+    started = time.perf_counter()
+    trainer = Trainer(config, workdir, override_config=override_config)
+    metrics = trainer.run()
+    if trainer.is_main:
+        print(f"done in {time.perf_counter() - started:.0f} s; checkpoints in "
+              f"{trainer.checkpoints.directory}", flush=True)
+    return metrics

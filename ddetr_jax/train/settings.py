@@ -1,0 +1,166 @@
+"""A training config (ml_collections ConfigDict, configs/*.py) -> typed settings.
+
+DESIGN.md decision 9: the ConfigDict is converted once, here; everything
+below takes the typed values. The fields of a config (see train/defaults.py
+for the defaults and their meaning):
+
+    seed, global_batch_size, num_epochs, lr_drop_epochs, total_steps,
+    lr_drop_step, log_every_steps, eval_every_steps, checkpoint_every_steps,
+    keep_checkpoints, max_consecutive_nonfinite, compute_dtype, eval_batch_size
+    data.{name, data_dir, train_split, eval_split, synthetic, buckets,
+          max_targets, scales, max_size, crop_resize_scales, crop_size,
+          val_scale, num_workers, num_threads, prefetch}
+    model.{every ModelConfig field}
+    optimizer.{every OptimizerConfig field but lr_drop_step}
+    loss.{class_weight, bbox_weight, giou_weight, focal_alpha, focal_gamma,
+          solver, class_cost, bbox_cost, giou_cost}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ddetr_jax.data.pipeline import BatchConfig
+from ddetr_jax.data.transforms import TransformConfig
+from ddetr_jax.losses import LossConfig
+from ddetr_jax.matcher import MatchWeights
+from ddetr_jax.models import ModelConfig
+from ddetr_jax.train.optimizer import OptimizerConfig
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+MATCHER_FIELDS = {"class_cost", "bbox_cost", "giou_cost"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    name: str
+    data_dir: str
+    train_split: str
+    eval_split: str
+    synthetic: dict | None  # {train_images, val_images, seed}: prepare if missing
+    num_workers: int
+    num_threads: int
+    prefetch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a training run needs, typed; steps resolved from epochs."""
+
+    seed: int
+    model: ModelConfig
+    optimizer: OptimizerConfig  # lr_drop_step resolved
+    loss: LossConfig
+    data: DataSettings
+    train_batch: BatchConfig
+    eval_batch: BatchConfig
+    total_steps: int
+    steps_per_epoch: int
+    log_every_steps: int
+    eval_every_steps: int  # 0: evaluate only at the end
+    checkpoint_every_steps: int
+    keep_checkpoints: int
+    max_consecutive_nonfinite: int
+    compute_dtype: str
+
+
+def _fields(cls, values: dict, where: str) -> dict:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"config.{where}: unknown fields {sorted(unknown)}; "
+                         f"{cls.__name__} has {sorted(known)}")
+    return values
+
+
+def _positive(name: str, value) -> int:
+    if int(value) < 1:
+        raise ValueError(f"config.{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def model_config(config) -> ModelConfig:
+    return ModelConfig(**_fields(ModelConfig, dict(config.model), "model"))
+
+
+def transform_config(data) -> TransformConfig:
+    return TransformConfig(scales=tuple(data.scales), max_size=int(data.max_size),
+                           crop_resize_scales=tuple(data.crop_resize_scales),
+                           crop_size=tuple(data.crop_size), val_scale=int(data.val_scale))
+
+
+def loss_config(loss) -> LossConfig:
+    values = dict(loss)
+    matcher = {k: values.pop(k) for k in list(values) if k in MATCHER_FIELDS}
+    values = _fields(LossConfig, values, "loss")
+    return LossConfig(matcher=MatchWeights(**matcher, alpha=values.get("focal_alpha", 0.25),
+                                           gamma=values.get("focal_gamma", 2.0)), **values)
+
+
+def batch_configs(config, process_count: int) -> tuple[BatchConfig, BatchConfig]:
+    buckets = tuple(tuple(int(v) for v in b) for b in config.data.buckets)
+    transform = transform_config(config.data)
+    batch = _positive("global_batch_size", config.global_batch_size)
+    eval_batch = _positive("eval_batch_size", config.get("eval_batch_size") or batch)
+    for name, value in (("global_batch_size", batch), ("eval_batch_size", eval_batch)):
+        if value % process_count:
+            raise ValueError(f"config.{name}={value} cannot be split evenly over "
+                             f"{process_count} processes")
+    max_targets = _positive("data.max_targets", config.data.max_targets)
+    return (BatchConfig(batch, buckets, max_targets, transform),
+            BatchConfig(eval_batch, buckets, max_targets, transform))
+
+
+def data_settings(config) -> DataSettings:
+    d = config.data
+    synthetic = dict(d.synthetic) if d.get("synthetic") else None
+    return DataSettings(str(d.name), str(d.data_dir), str(d.train_split), str(d.eval_split),
+                        synthetic, int(d.num_workers), int(d.num_threads), int(d.prefetch))
+
+
+def check_devices(batch_size: int, num_devices: int, name: str) -> None:
+    if batch_size % num_devices:
+        raise ValueError(f"config.{name}={batch_size} cannot be split evenly over "
+                         f"{num_devices} devices; use a multiple of {num_devices}")
+
+
+def resolve(config, steps_per_epoch: int, process_count: int = 1) -> Settings:
+    """The typed settings of `config` for a training split of `steps_per_epoch`
+    steps per epoch. total_steps > 0 overrides num_epochs; lr_drop_step > 0
+    overrides lr_drop_epochs; with total_steps set and no lr_drop_step the
+    drop comes at the same fraction of training (lr_drop_epochs / num_epochs)."""
+    train_batch, eval_batch = batch_configs(config, process_count)
+    num_epochs = _positive("num_epochs", config.num_epochs)
+    total = int(config.total_steps) if config.total_steps > 0 else num_epochs * steps_per_epoch
+    if config.lr_drop_step > 0:
+        lr_drop = int(config.lr_drop_step)
+    elif config.total_steps > 0:
+        lr_drop = int(round(total * config.lr_drop_epochs / num_epochs))
+    else:
+        lr_drop = int(config.lr_drop_epochs) * steps_per_epoch
+    model = model_config(config)
+    optimizer = OptimizerConfig(**_fields(OptimizerConfig, dict(config.optimizer), "optimizer"),
+                                lr_drop_step=lr_drop)
+    if optimizer.freeze_stem != (model.backbone_norm == "frozen_batch_norm"):
+        raise ValueError(
+            f"config.optimizer.freeze_stem={optimizer.freeze_stem} contradicts "
+            f"config.model.backbone_norm={model.backbone_norm!r}: the stem and layer1 are "
+            "frozen exactly when the backbone uses frozen batch norm")
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"config.compute_dtype: expected one of {COMPUTE_DTYPES}, "
+                         f"got {config.compute_dtype!r}")
+    data = data_settings(config)
+    return Settings(
+        seed=int(config.seed), model=model, optimizer=optimizer,
+        loss=loss_config(config.loss), data=data, train_batch=train_batch,
+        eval_batch=eval_batch, total_steps=_positive("total_steps", total),
+        steps_per_epoch=steps_per_epoch,
+        log_every_steps=_positive("log_every_steps", config.log_every_steps),
+        eval_every_steps=(int(config.eval_every_steps) if config.eval_every_steps >= 0
+                          else steps_per_epoch),
+        checkpoint_every_steps=_positive("checkpoint_every_steps",
+                                         config.checkpoint_every_steps),
+        keep_checkpoints=_positive("keep_checkpoints", config.keep_checkpoints),
+        max_consecutive_nonfinite=_positive("max_consecutive_nonfinite",
+                                            config.max_consecutive_nonfinite),
+        compute_dtype=str(config.compute_dtype))
