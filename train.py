@@ -6,6 +6,7 @@ checkpoint. Multi-host: run the same command on every host with
 """
 
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -27,11 +28,18 @@ def main(argv):
     import jax
     if _COORDINATOR.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from ddetr_jax.train.loop import train
+    from ddetr_jax.train.loop import NonFiniteError, TrainingStopped, train
     from ddetr_jax.compile_cache import enable_compilation_cache
     enable_compilation_cache()
     logging.getLogger("ddetr_jax").setLevel(logging.INFO)
-    train(_CONFIG.value, _WORKDIR.value, override_config=_OVERRIDE.value)
+    try:
+        train(_CONFIG.value, _WORKDIR.value, override_config=_OVERRIDE.value)
+    except TrainingStopped as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(128 + int(stopped.signum))
+    except (NonFiniteError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -296,26 +296,54 @@ def load_torch_checkpoint(path_or_state_dict, **model_overrides):
     weights, unused, problems = to_jax_names(sd, config)
     model = DeformableDETR(config, rngs=nnx.Rngs(0))
     state = nnx.state(model, WEIGHTS)
+    _check_and_fill(state, weights, problems)
+    nnx.update(model, state)
+    info = {"layout": layout, "config": config, "inferred": inferred, "unused_keys": unused}
+    return model, info
+
+
+def _check_and_fill(state, weights: Mapping[str, np.ndarray], problems: list[str],
+                    prefix: str = "") -> None:
+    """Fills nnx State `state` from {path: array}; every missing, extra or
+    mis-shaped entry (and the given problems) raised together as CheckpointMismatch."""
     expected = _flatten(nnx.to_pure_dict(state))
     for path in sorted(set(expected) - set(weights)):
-        problems.append(f"{path}: missing from the checkpoint (expected shape "
+        problems.append(f"{prefix}{path}: missing from the checkpoint (expected shape "
                         f"{tuple(expected[path].shape)})")
     for path in sorted(set(weights) - set(expected)):
-        problems.append(f"{path}: in the checkpoint (shape {weights[path].shape}) but not in "
-                        "the model")
+        problems.append(f"{prefix}{path}: in the checkpoint (shape {weights[path].shape}) but "
+                        "not in the model")
     for path in sorted(set(weights) & set(expected)):
         if tuple(weights[path].shape) != tuple(expected[path].shape):
-            problems.append(f"{path}: checkpoint shape {tuple(weights[path].shape)}, model "
-                            f"expects {tuple(expected[path].shape)}")
+            problems.append(f"{prefix}{path}: checkpoint shape {tuple(weights[path].shape)}, "
+                            f"model expects {tuple(expected[path].shape)}")
     if problems:
         raise CheckpointMismatch(f"checkpoint does not match the model ({len(problems)} "
                                  "problems):\n  " + "\n  ".join(problems))
     filled = _unflatten_into(nnx.to_pure_dict(state), {
         p: jax.numpy.asarray(w, dtype=expected[p].dtype) for p, w in weights.items()})
     nnx.replace_by_pure_dict(state, filled)
-    nnx.update(model, state)
-    info = {"layout": layout, "config": config, "inferred": inferred, "unused_keys": unused}
-    return model, info
+
+
+def load_backbone_weights(model: DeformableDETR, path_or_state_dict) -> list[str]:
+    """ImageNet ResNet weights into model.backbone (frozen batch norm), in place.
+
+    path_or_state_dict: a torchvision ResNet state dict (conv1.weight,
+    bn1.*, layer1.0.conv1.weight, ...; a .pth or .safetensors path or a dict of
+    arrays), as the authors start from. The classifier (fc.*) is ignored.
+    Returns the ignored keys; any mismatch raises CheckpointMismatch.
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        raw = read_state_dict(os.fspath(path_or_state_dict))
+    else:
+        raw = {k: np.asarray(v) for k, v in path_or_state_dict.items()}
+    sd = {f"backbone.0.body.{k}": v for k, v in raw.items() if not k.startswith("fc.")}
+    weights, unused, problems = to_jax_names(sd, model.config)
+    weights = {k[len("backbone."):]: v for k, v in weights.items()}
+    state = nnx.state(model.backbone, WEIGHTS)
+    _check_and_fill(state, weights, problems, prefix="backbone.")
+    nnx.update(model.backbone, state)
+    return [k[len("backbone.0.body."):] for k in unused] + [k for k in raw if k.startswith("fc.")]
 
 
 def save_converted(model, config, dest: str) -> None:

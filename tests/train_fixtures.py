@@ -32,3 +32,46 @@ def random_batch(seed=0, batch=8, size=64, max_targets=6,
         "labels": rng.integers(1, num_classes, (batch, max_targets)).astype(np.int32),
         "target_valid": valid,
     }
+
+
+# ----------------------------------------------------------------------------- training app
+
+TINY_DATA = dict(name="tiny_shapes", train_images=24, val_images=8, seed=0)
+
+
+def load_config(path):
+    """get_config() of a config file (as train.py's --config reads it)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("config_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def make_tiny(config, data_dir, batch=8, total_steps=2):
+    """Shrinks a training config in place for CPU tests: the tiny synthetic
+    dataset in data_dir, 64-pixel images, a narrow shallow model with the
+    config's variant (levels, dilation, refinement, two-stage) unchanged."""
+    config.data.name = TINY_DATA["name"]
+    config.data.data_dir = str(data_dir)
+    config.data.synthetic.train_images = TINY_DATA["train_images"]
+    config.data.synthetic.val_images = TINY_DATA["val_images"]
+    config.data.synthetic.seed = TINY_DATA["seed"]
+    config.data.buckets = ((64, 64),)
+    config.data.max_targets = 8
+    config.data.scales = (40, 48)
+    config.data.max_size = 60
+    config.data.crop_resize_scales = (48,)
+    config.data.crop_size = (32, 48)
+    config.data.val_scale = 48
+    config.data.num_workers = 0
+    config.data.num_threads = 1
+    config.model.update(dict(backbone_depth=18, dim=32, ffn_dim=64, heads=2, enc_layers=1,
+                             dec_layers=1, enc_points=2, dec_points=2, num_queries=10))
+    config.global_batch_size = batch
+    config.eval_batch_size = batch
+    config.total_steps = total_steps
+    config.log_every_steps = 1
+    config.eval_every_steps = 0
+    config.checkpoint_every_steps = total_steps
+    return config

@@ -35,6 +35,7 @@ class Checkpoints:
                            keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=preservation,
+                                               best_fn=_best_metric,
                                                enable_async_checkpointing=asynchronous)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "extra"))
@@ -43,6 +44,7 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
+        """The kept checkpoint with the highest eval/AP (None if none was evaluated)."""
         return self.manager.best_step()
 
     def all_steps(self) -> list[int]:

@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # the latest k, plus the best by eval/AP
     c.max_consecutive_nonfinite = 20
     c.compute_dtype = "float32"  # or "bfloat16" (float32 parameters)
+    c.backbone_weights = ""  # ImageNet ResNet (torchvision state dict) to start from
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "coco/2017"  # a TFDS dataset under data_dir (see README: Data)

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ddetr_jax.convert import load_backbone_weights
 from ddetr_jax.data import pipeline
 from ddetr_jax.data.catalog import open_split
 from ddetr_jax.evaluation.coco import METRICS, format_metrics
@@ -44,6 +45,14 @@ DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps."""
+
+
+class TrainingStopped(Exception):
+    """SIGTERM / SIGINT stopped the run; a checkpoint of the step it reached is saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 class _StopSignal:
@@ -106,6 +115,9 @@ class Trainer:
         self.train_source = train_source
 
         model = DeformableDETR(s.model, rngs=nnx.Rngs(s.seed))
+        if s.backbone_weights:
+            ignored = load_backbone_weights(model, s.backbone_weights)
+            log.info("backbone weights from %s (ignored: %s)", s.backbone_weights, ignored)
         self.graphdef, params, rest = split_model(model)
         self.rest = jax.device_put(rest, NamedSharding(self.mesh, P()))
         self.tx, self.lr = make_optimizer(params, s.optimizer)
@@ -181,11 +193,15 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
 
     def run(self) -> dict:
-        """Trains to total_steps (or until a stop signal); returns the last evaluation's
-        metrics ({} if stopped by a signal before any)."""
+        """Trains to total_steps; returns the last evaluation's metrics. Raises
+        TrainingStopped after saving if a stop signal came."""
         s = self.s
         iterator = self._train_iterator()
         start = self._restore(iterator)
+        if start >= s.total_steps:
+            print(f"{self.workdir}: already trained to step {start} of {s.total_steps}; "
+                  "nothing to do (evaluate.py evaluates it)", flush=True)
+            return {}
         writer = MetricsWriter(self.workdir, resume_step=start if start else None,
                                enabled=self.is_main)
         progress = Progress(start, s.total_steps, s.steps_per_epoch,
@@ -209,9 +225,11 @@ class Trainer:
                             self._after_step(*pending, means, writer, progress)
                         self._save(iteration, iterator)
                         self.checkpoints.wait()
-                        print(f"stopped by signal at step {iteration}; checkpoint saved in "
-                              f"{self.checkpoints.directory}", flush=True)
-                        return last_eval
+                        raise TrainingStopped(
+                            f"stopped by signal {stop.received or 'on another process'} at "
+                            f"step {iteration}; checkpoint saved in "
+                            f"{self.checkpoints.directory}; rerun the same command to resume",
+                            stop.received or signal.SIGTERM)
         finally:
             progress.close()
             writer.close()

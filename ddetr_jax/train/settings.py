@@ -6,7 +6,8 @@ for the defaults and their meaning):
 
     seed, global_batch_size, num_epochs, lr_drop_epochs, total_steps,
     lr_drop_step, log_every_steps, eval_every_steps, checkpoint_every_steps,
-    keep_checkpoints, max_consecutive_nonfinite, compute_dtype, eval_batch_size
+    keep_checkpoints, max_consecutive_nonfinite, compute_dtype, eval_batch_size,
+    backbone_weights
     data.{name, data_dir, train_split, eval_split, synthetic, buckets,
           max_targets, scales, max_size, crop_resize_scales, crop_size,
           val_scale, num_workers, num_threads, prefetch}
@@ -62,6 +63,7 @@ class Settings:
     keep_checkpoints: int
     max_consecutive_nonfinite: int
     compute_dtype: str
+    backbone_weights: str  # "" or a torchvision ResNet state dict
 
 
 def _fields(cls, values: dict, where: str) -> dict:
@@ -163,4 +165,5 @@ def resolve(config, steps_per_epoch: int, process_count: int = 1) -> Settings:
         keep_checkpoints=_positive("keep_checkpoints", config.keep_checkpoints),
         max_consecutive_nonfinite=_positive("max_consecutive_nonfinite",
                                             config.max_consecutive_nonfinite),
-        compute_dtype=str(config.compute_dtype))
+        compute_dtype=str(config.compute_dtype),
+        backbone_weights=str(config.get("backbone_weights", "")))

@@ -1,0 +1,93 @@
+"""Config -> typed settings, and the workdir's saved config (train/settings.py, run_config.py)."""
+
+import json
+
+import pytest
+
+from ddetr_jax.train import run_config, settings
+from ddetr_jax.train.defaults import base_config
+from tests.train_fixtures import load_config
+
+CONFIGS = ("r50_deformable_detr", "r50_deformable_detr_single_scale",
+           "r50_deformable_detr_single_scale_dc5",
+           "r50_deformable_detr_plus_iterative_bbox_refinement",
+           "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage")
+VARIANTS = {  # (num_feature_levels, dilation, with_box_refine, two_stage)
+    CONFIGS[0]: (4, False, False, False), CONFIGS[1]: (1, False, False, False),
+    CONFIGS[2]: (1, True, False, False), CONFIGS[3]: (4, False, True, False),
+    CONFIGS[4]: (4, False, True, True)}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_published_configs(name):
+    s = settings.resolve(load_config(f"configs/{name}.py"), steps_per_epoch=3665)
+    m = s.model
+    assert (m.num_feature_levels, m.dilation, m.with_box_refine, m.two_stage) == VARIANTS[name]
+    assert (m.backbone_depth, m.dim, m.num_queries, m.num_classes) == (50, 256, 300, 91)
+    assert s.train_batch.global_batch_size == 32 and s.seed == 42
+    assert s.total_steps == 50 * 3665 and s.optimizer.lr_drop_step == 40 * 3665
+    assert (s.optimizer.lr, s.optimizer.lr_backbone, s.optimizer.clip_max_norm) == (
+        2e-4, 2e-5, 0.1)
+    assert s.data.name == "coco/2017" and s.eval_every_steps == 3665
+    assert s.train_batch.transform.val_scale == 800 and s.train_batch.transform.max_size == 1333
+
+
+def test_quickstart_config():
+    s = settings.resolve(load_config("configs/quickstart.py"), steps_per_epoch=100)
+    assert s.model.backbone_norm == "group_norm" and not s.optimizer.freeze_stem
+    assert s.data.synthetic == {"train_images": 2000, "val_images": 200, "seed": 0}
+
+
+def test_total_steps_override_scales_the_drop():
+    c = base_config()
+    c.total_steps, c.num_epochs, c.lr_drop_epochs = 1000, 50, 40
+    s = settings.resolve(c, steps_per_epoch=10)
+    assert s.total_steps == 1000 and s.optimizer.lr_drop_step == 800
+    c.lr_drop_step = 123
+    assert settings.resolve(c, steps_per_epoch=10).optimizer.lr_drop_step == 123
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("global_batch_size", 0, "global_batch_size must be >= 1"),
+    ("compute_dtype", "float16", "compute_dtype"),
+    ("model.heads_typo", 3, "unknown fields"),
+    ("optimizer.freeze_stem", False, "contradicts"),
+])
+def test_bad_configs(field, value, message):
+    c = base_config()
+    with c.unlocked():
+        parent = c
+        *path, leaf = field.split(".")
+        for name in path:
+            parent = parent[name]
+        parent[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        settings.resolve(c, steps_per_epoch=10)
+
+
+def test_batch_must_split_over_devices_and_processes():
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 devices"):
+        settings.check_devices(32, 3, "global_batch_size")
+    c = base_config()
+    with pytest.raises(ValueError, match="cannot be split evenly over 5 processes"):
+        settings.resolve(c, steps_per_epoch=10, process_count=5)
+
+
+def test_saved_config_contradiction(tmp_path):
+    c = base_config()
+    run_config.check_and_save(c, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["num_queries"] == 300
+    c.log_every_steps = 7  # observation only: allowed
+    c.data.num_workers = 1
+    run_config.check_and_save(c, tmp_path)
+    c.model.num_queries = 100
+    c.optimizer.lr = 1e-3
+    with pytest.raises(run_config.ConfigMismatch) as error:
+        run_config.check_and_save(c, tmp_path)
+    assert "model.num_queries: saved 300, now 100" in str(error.value)
+    assert "optimizer.lr: saved 0.0002, now 0.001" in str(error.value)
+    assert "--override_config" in str(error.value)
+    run_config.check_and_save(c, tmp_path, override=True)
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["num_queries"] == 100
+    assert json.loads((tmp_path / "config.1.json").read_text())["model"]["num_queries"] == 300
