@@ -32,6 +32,7 @@ from ddetr_jax.data.catalog import open_split
 from ddetr_jax.evaluation.coco import METRICS, format_metrics
 from ddetr_jax.evaluation.loop import evaluate_model, ground_truth_from_source, make_predict_fn
 from ddetr_jax.models import DeformableDETR
+from ddetr_jax.postprocess import NUM_TOP
 from ddetr_jax.train import run_config, settings as settings_lib
 from ddetr_jax.train.checkpoint import Checkpoints
 from ddetr_jax.train.metrics import IntervalMean, MetricsWriter
@@ -124,7 +125,8 @@ class Trainer:
         self.state = init_state(params, self.tx, self.mesh)
         self.step_fn = make_train_step(self.graphdef, rest, self.tx, self.lr, self.mesh,
                                        s.loss, DTYPES[s.compute_dtype])
-        self.predict = make_predict_fn(self.graphdef, self.mesh)
+        self.predict = make_predict_fn(self.graphdef, self.mesh, num_top=min(
+            NUM_TOP, s.model.num_queries * s.model.num_classes))
         self.checkpoints = Checkpoints(self.workdir, s.keep_checkpoints)
         self.ground_truth = None
         self.consecutive_nonfinite = 0

@@ -1,0 +1,97 @@
+"""The training run (train/loop.py) in-process on the tiny synthetic dataset, 8 CPU devices."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ddetr_jax.data.catalog import ensure_synthetic
+from ddetr_jax.train import loop
+from ddetr_jax.train.checkpoint import Checkpoints
+from ddetr_jax.train.run_config import ConfigMismatch
+from tests.test_train_settings import CONFIGS
+from tests.train_fixtures import TINY_DATA, load_config, make_tiny
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    ensure_synthetic(path, TINY_DATA["name"], TINY_DATA["train_images"],
+                     TINY_DATA["val_images"], TINY_DATA["seed"])
+    return path
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_published_configs_train(name, data_dir, tmp_path):
+    config = make_tiny(load_config(f"configs/{name}.py"), data_dir)
+    metrics = loop.train(config, tmp_path)
+    records = _records(tmp_path)
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(np.isfinite(r["train/loss"]) and r["train/nonfinite"] == 0 for r in train)
+    if "two_stage" in name:
+        assert "train/loss_ce_enc" in train[0]
+    evals = [r for r in records if "eval/AP" in r]
+    assert [r["step"] for r in evals] == [2]
+    assert set(evals[0]) == {"step", "eval/AP", "eval/AP50", "eval/AP75", "eval/APs",
+                             "eval/APm", "eval/APl", "eval/AR1", "eval/AR10", "eval/AR100"}
+    assert metrics["num_images"] == TINY_DATA["val_images"]
+    assert Checkpoints(tmp_path, keep=1).all_steps() == [2]
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["dim"] == 32
+
+
+def test_quickstart_config_trains_evaluates_and_resumes(data_dir, tmp_path):
+    config = make_tiny(load_config("configs/quickstart.py"), data_dir, total_steps=4)
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = 3
+    loop.train(config, tmp_path)
+    evals = [r for r in _records(tmp_path) if "eval/AP" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    best = max(evals, key=lambda r: (r["eval/AP"], r["step"]))["step"]
+    checkpoints = Checkpoints(tmp_path, keep=1)
+    assert checkpoints.best_step() == best
+    assert checkpoints.all_steps() == sorted({3, 4, best})  # the latest 2 and the best
+    assert loop.train(config, tmp_path) == {}  # finished: nothing to do
+    config.total_steps = 6  # a longer run is a different schedule: refused...
+    with pytest.raises(ConfigMismatch, match="total_steps: saved 4, now 6"):
+        loop.train(config, tmp_path)
+    loop.train(config, tmp_path, override_config=True)  # ...unless asked for
+    train_steps = [r["step"] for r in _records(tmp_path) if "train/loss" in r]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(data_dir, tmp_path):
+    config = make_tiny(load_config("configs/quickstart.py"), data_dir, total_steps=10)
+    config.loss.bbox_weight = float("inf")  # every loss is inf
+    config.max_consecutive_nonfinite = 3
+    with pytest.raises(loop.NonFiniteError, match="step 3: 3 consecutive non-finite steps"):
+        loop.train(config, tmp_path)
+    records = _records(tmp_path)
+    assert [r["train/nonfinite_total"] for r in records] == [1, 2]  # step 3 raised first
+    assert Checkpoints(tmp_path, keep=1).all_steps() == []
+
+
+def test_batch_that_does_not_split_over_devices(data_dir, tmp_path):
+    config = make_tiny(load_config("configs/quickstart.py"), data_dir, batch=4)
+    with pytest.raises(ValueError, match="global_batch_size=4 cannot be split evenly over 8 "
+                                         "devices"):
+        loop.train(config, tmp_path)
+
+
+def test_missing_dataset_is_named(tmp_path):
+    config = load_config("configs/r50_deformable_detr.py")
+    config.data.data_dir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="dataset 'coco/2017' not found"):
+        loop.train(config, tmp_path / "run")
