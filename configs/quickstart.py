@@ -15,7 +15,7 @@ from ddetr_jax.train.defaults import base_config
 def get_config():
     c = base_config()
     c.seed = 0
-    c.global_batch_size = 8
+    c.global_batch_size = 4
     c.num_epochs = 4
     c.lr_drop_epochs = 3
     c.log_every_steps = 25
@@ -41,6 +41,7 @@ def get_config():
     c.model.num_classes = 9  # the synthetic category ids go up to 8
     c.model.backbone_depth = 18
     c.model.backbone_norm = "group_norm"
+    c.model.backbone_width = 32
     c.model.num_feature_levels = 3
     c.model.dim = 128
     c.model.ffn_dim = 512
@@ -55,6 +56,6 @@ def get_config():
     c.optimizer.lr = 5e-4
     c.optimizer.lr_backbone = 5e-4
     c.optimizer.clip_max_norm = 1.0
-    c.optimizer.warmup_steps = 100
+    c.optimizer.warmup_steps = 200
     c.optimizer.freeze_stem = False
     return c

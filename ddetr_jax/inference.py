@@ -71,9 +71,25 @@ def _load_torch_file(path: str, **model_overrides):
     return load_torch_checkpoint(path, **model_overrides)[0]
 
 
+def _is_training_workdir(path: str) -> bool:
+    from ddetr_jax.train.workdir import split_workdir_path
+    return split_workdir_path(path) is not None
+
+
+def _load_training_workdir(path: str, **model_overrides):
+    from ddetr_jax.train.workdir import load_workdir_model
+    if model_overrides:
+        raise ValueError(f"{path}: a training workdir fixes its model config (config.json); "
+                         f"model overrides {sorted(model_overrides)} are not accepted")
+    return load_workdir_model(path)[0]
+
+
 # (what it is, does `path` look like one, loader(path, **model_overrides) -> model);
-# the first match loads. A training-workdir kind goes here when training exists.
+# the first match loads.
 CHECKPOINT_KINDS = (
+    ("a training workdir (config.json and checkpoints/, from train.py: its latest "
+     "checkpoint) or one of its checkpoints/STEP folders", _is_training_workdir,
+     _load_training_workdir),
     ("a converted checkpoint directory (model_config.json and state/, from "
      "python -m ddetr_jax.convert)", _is_converted_dir, _load_converted_dir),
     ("a HuggingFace model directory (model.safetensors or pytorch_model.bin)",
@@ -294,19 +310,25 @@ class Detector:
 
     def draw(self, image, prediction: dict, width: int = 2) -> Image.Image:
         """The image (RGB) with the prediction's boxes and '<class> <score>' labels."""
-        canvas = Image.fromarray(load_image(image))
-        draw = ImageDraw.Draw(canvas)
-        for box, score, label, name in zip(prediction["boxes_xyxy"], prediction["scores"],
-                                           prediction["labels"], prediction["class_names"]):
-            colour = colour_of(int(label))
-            x0, y0, x1, y1 = (float(v) for v in box)
-            draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=colour,
-                           width=width)
-            text = f"{name} {score:.2f}"
-            left, top, right, bottom = draw.textbbox((x0, y0), text)
-            draw.rectangle([left, top, right, bottom], fill=colour)
-            draw.text((x0, y0), text, fill=(255, 255, 255))
-        return canvas
+        return draw_prediction(image, prediction, width)
+
+
+def draw_prediction(image, prediction: dict, width: int = 2) -> Image.Image:
+    """The image (RGB) with the boxes of a prediction dict ('boxes_xyxy', 'scores',
+    'labels', 'class_names', as Detector.predict returns) and '<class> <score>' labels."""
+    canvas = Image.fromarray(load_image(image))
+    draw = ImageDraw.Draw(canvas)
+    for box, score, label, name in zip(prediction["boxes_xyxy"], prediction["scores"],
+                                       prediction["labels"], prediction["class_names"]):
+        colour = colour_of(int(label))
+        x0, y0, x1, y1 = (float(v) for v in box)
+        draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=colour,
+                       width=width)
+        text = f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((x0, y0), text)
+        draw.rectangle([left, top, right, bottom], fill=colour)
+        draw.text((x0, y0), text, fill=(255, 255, 255))
+    return canvas
 
 
 def colour_of(label: int) -> tuple[int, int, int]:

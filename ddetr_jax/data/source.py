@@ -87,6 +87,9 @@ class DetectionSource:
         """dataset_dir: the version folder (DATA_DIR/NAME/x.y.z)."""
         self.dataset_dir, self.split = str(pathlib.Path(dataset_dir).expanduser()), split
         builder = tfds.builder_from_directory(self.dataset_dir)
+        if split not in builder.info.splits:
+            raise ValueError(f"{self.dataset_dir}: no split {split!r}; it has "
+                             f"{sorted(builder.info.splits)}")
         self.category_ids = category_ids_of(builder.info)
         self.categories = categories_of(builder.info)
         self.has_category_id = "category_id" in builder.info.features["objects"]

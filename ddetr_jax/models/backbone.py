@@ -5,9 +5,10 @@ authors (models/backbone.py: Backbone, FrozenBatchNorm2d). Images are NHWC.
 
 norm="frozen_batch_norm" is the published backbone (ImageNet weights, stem and
 layer1 never train). norm="group_norm" is for training from scratch, where
-there are no batch statistics to freeze: trainable GroupNorm (32 groups) after
-every conv, the last norm of every residual branch starting at zero scale (so
-each block starts as the identity), and every stage trains.
+there are no batch statistics to freeze: trainable GroupNorm (32 groups, at
+least 4 channels each) after every conv, the last norm of every residual branch
+starting at zero scale (so each block starts as the identity), and every stage
+trains.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class ConvBN(nnx.Module):
                  norm="frozen_batch_norm", zero_scale=False, rngs):
         self.conv = _conv(in_features, out_features, kernel, stride, dilation, rngs=rngs)
         if norm == "group_norm":
-            self.bn = nnx.GroupNorm(out_features, num_groups=min(GROUPS, out_features),
+            self.bn = nnx.GroupNorm(out_features, num_groups=min(GROUPS, out_features // 4),
                                     epsilon=1e-5, rngs=rngs,
                                     scale_init=(nnx.initializers.zeros if zero_scale
                                                 else nnx.initializers.ones))
@@ -117,23 +118,27 @@ def _max_pool_3x3_s2(x):
 class ResNet(nnx.Module):
     """ResNet-{18,34,50,101} trunk returning the outputs of layer2, layer3, layer4.
 
+    width: channels of the stem and layer1 (64 in the published ResNets; the
+    stages have width, 2, 4 and 8 times it, times the block expansion).
+
     dilation=True makes layer4 dilated with stride 1 (DC5: stride 16), as
     torchvision's replace_stride_with_dilation=[False, False, True]: the first
     block of layer4 keeps dilation 1, the others use 2.
     """
 
     def __init__(self, depth: int = 50, dilation: bool = False, norm: str = "frozen_batch_norm",
-                 *, rngs: nnx.Rngs):
+                 width: int = 64, *, rngs: nnx.Rngs):
         if depth not in RESNET_LAYERS:
             raise ValueError(f"depth: expected one of {sorted(RESNET_LAYERS)}, got {depth}")
         if norm not in NORMS:
             raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
         block = Bottleneck if depth >= 50 else BasicBlock
         self.freeze_early = norm == "frozen_batch_norm"
-        self.stem = ConvBN(3, 64, 7, 2, norm=norm, rngs=rngs)
-        in_features = 64
+        widths = (width, 2 * width, 4 * width, 8 * width)
+        self.stem = ConvBN(3, width, 7, 2, norm=norm, rngs=rngs)
+        in_features = width
         stages = []
-        for index, (count, width) in enumerate(zip(RESNET_LAYERS[depth], (64, 128, 256, 512))):
+        for index, (count, width) in enumerate(zip(RESNET_LAYERS[depth], widths)):
             stride = 1 if index == 0 else 2
             dilations = [1] * count
             if index == 3 and dilation:
@@ -145,7 +150,7 @@ class ResNet(nnx.Module):
                 in_features = width * block.expansion
             stages.append(nnx.List(blocks))
         self.layers = nnx.List(stages)
-        self.channels = tuple(w * block.expansion for w in (128, 256, 512))
+        self.channels = tuple(w * block.expansion for w in widths[1:])
         self.strides = (8, 16, 16 if dilation else 32)
 
     def __call__(self, images):

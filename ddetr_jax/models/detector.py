@@ -37,6 +37,7 @@ class ModelConfig:
     backbone_depth: int = 50
     dilation: bool = False
     backbone_norm: str = "frozen_batch_norm"  # or "group_norm" (from scratch, see backbone.py)
+    backbone_width: int = 64  # stem / layer1 channels; 64 in the published ResNets
     num_feature_levels: int = 4
     dim: int = 256
     ffn_dim: int = 1024
@@ -110,7 +111,8 @@ class DeformableDETR(nnx.Module):
             raise ValueError("num_feature_levels: expected 1 (single-scale) or >= 3 "
                              "(C3-C5 plus extra stride-2 levels), got 2")
         self.config = c
-        self.backbone = ResNet(c.backbone_depth, c.dilation, c.backbone_norm, rngs=rngs)
+        self.backbone = ResNet(c.backbone_depth, c.dilation, c.backbone_norm, c.backbone_width,
+                               rngs=rngs)
         in_channels = self.backbone.channels if c.num_feature_levels > 1 else (
             self.backbone.channels[-1],)
         projections = [InputProjection(ch, c.dim, False, rngs=rngs) for ch in in_channels]

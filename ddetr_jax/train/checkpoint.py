@@ -3,6 +3,8 @@
 DESIGN.md decision 8. A checkpoint (WORKDIR/checkpoints/<iteration>/) holds
   state   the TrainState (parameters, optimizer state, applied-update count)
   extra   JSON: the data iterator's state and the run's counters
+  frozen  the frozen batch-norm terms (FrozenStat), when the model has them
+          (from ImageNet weights), so the checkpoint alone rebuilds the model
 and, when the checkpoint was taken right after an evaluation, its metrics
 (used to keep the best by "eval/AP"). <iteration> counts the batches
 consumed. The dropout RNG needs no saving: the step folds the seed with the
@@ -38,7 +40,7 @@ class Checkpoints:
                                                best_fn=_best_metric,
                                                enable_async_checkpointing=asynchronous)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "extra"))
+                                             item_names=("state", "extra", "frozen"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -50,12 +52,16 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, iteration: int, state, extra: dict, metrics: dict | None = None) -> None:
-        """Starts an asynchronous save (returns once the state is copied off the devices)."""
+    def save(self, iteration: int, state, extra: dict, metrics: dict | None = None,
+             frozen=None) -> None:
+        """Starts an asynchronous save (returns once the state is copied off the
+        devices). frozen: a pytree of the frozen terms, or None / empty for none."""
         metrics = None if metrics is None else {BEST_METRIC: float(metrics[BEST_METRIC])}
-        self.manager.save(iteration, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
-            metrics=metrics, force=True)
+        items = {"state": ocp.args.StandardSave(state), "extra": ocp.args.JsonSave(extra)}
+        if frozen is not None and jax.tree.leaves(frozen):
+            items["frozen"] = ocp.args.StandardSave(frozen)
+        self.manager.save(iteration, args=ocp.args.Composite(**items), metrics=metrics,
+                          force=True)
 
     def restore(self, iteration: int, target_state):
         """(state, extra) of checkpoint `iteration`, state laid out like `target_state`

@@ -32,6 +32,7 @@ from ddetr_jax.data.catalog import open_split
 from ddetr_jax.evaluation.coco import METRICS, format_metrics
 from ddetr_jax.evaluation.loop import evaluate_model, ground_truth_from_source, make_predict_fn
 from ddetr_jax.models import DeformableDETR
+from ddetr_jax.models.backbone import FrozenStat
 from ddetr_jax.postprocess import NUM_TOP
 from ddetr_jax.train import run_config, settings as settings_lib
 from ddetr_jax.train.checkpoint import Checkpoints
@@ -121,6 +122,7 @@ class Trainer:
             log.info("backbone weights from %s (ignored: %s)", s.backbone_weights, ignored)
         self.graphdef, params, rest = split_model(model)
         self.rest = jax.device_put(rest, NamedSharding(self.mesh, P()))
+        self.frozen = nnx.to_pure_dict(nnx.state(model, FrozenStat))
         self.tx, self.lr = make_optimizer(params, s.optimizer)
         self.state = init_state(params, self.tx, self.mesh)
         self.step_fn = make_train_step(self.graphdef, rest, self.tx, self.lr, self.mesh,
@@ -148,7 +150,7 @@ class Trainer:
         extra = {"data_iterator": iterator.get_state(),
                  "consecutive_nonfinite": self.consecutive_nonfinite,
                  "nonfinite_total": self.nonfinite_total}
-        self.checkpoints.save(iteration, self.state, extra, metrics)
+        self.checkpoints.save(iteration, self.state, extra, metrics, self.frozen)
 
     def _restore(self, iterator) -> int:
         latest = self.checkpoints.latest_step()
@@ -225,7 +227,8 @@ class Trainer:
                     if stop.any_process():
                         if pending is not None:
                             self._after_step(*pending, means, writer, progress)
-                        self._save(iteration, iterator)
+                        if self.checkpoints.latest_step() != iteration:
+                            self._save(iteration, iterator)
                         self.checkpoints.wait()
                         raise TrainingStopped(
                             f"stopped by signal {stop.received or 'on another process'} at "

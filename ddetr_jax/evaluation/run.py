@@ -1,0 +1,121 @@
+"""Evaluating a checkpoint on a dataset split: the library behind evaluate.py.
+
+    metrics = evaluate_checkpoint(config, "runs/quickstart", "eval/quickstart")
+
+Writes OUTPUT/metrics.json ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1",
+"AR10", "AR100", "per_class", plus "num_images", "checkpoint", "step",
+"split"), OUTPUT/results.json (COCO results format) and, if asked,
+OUTPUT/images/<image_id>.png with the detections drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ddetr_jax.convert import CheckpointMismatch
+from ddetr_jax.data import pipeline
+from ddetr_jax.data.catalog import open_split
+from ddetr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ddetr_jax.evaluation.coco import METRICS, format_metrics
+from ddetr_jax.evaluation.loop import evaluate_model, ground_truth_from_source, make_predict_fn
+from ddetr_jax.inference import draw_prediction, load_model
+from ddetr_jax.models import ModelConfig
+from ddetr_jax.postprocess import NUM_TOP
+from ddetr_jax.train import settings as settings_lib
+from ddetr_jax.train.step import data_mesh
+from ddetr_jax.train.workdir import load_workdir_model, split_workdir_path
+
+# Fields that do not change what a trained model computes at evaluation.
+IGNORED_FIELDS = ("dropout",)
+# What PyTorch weights cannot tell; taken from the config when converting them.
+TORCH_OVERRIDES = ("dilation", "heads", "enc_points", "dec_points", "num_queries")
+
+
+def load_for_config(checkpoint, expected: ModelConfig, which: str = "latest"):
+    """(model, step or None) from any checkpoint kind; CheckpointMismatch listing every
+    ModelConfig field where the checkpoint's model differs from `expected`."""
+    step = None
+    if split_workdir_path(checkpoint) is not None:
+        model, info = load_workdir_model(checkpoint, which)
+        step = info["step"]
+    elif str(checkpoint).endswith((".pth", ".pt", ".bin", ".safetensors")) or (
+            pathlib.Path(checkpoint).is_dir()
+            and not (pathlib.Path(checkpoint) / "model_config.json").exists()):
+        model = load_model(checkpoint, **{k: getattr(expected, k) for k in TORCH_OVERRIDES})
+    else:
+        model = load_model(checkpoint)
+    got = model.config
+    diffs = [f"model.{f.name}: checkpoint {getattr(got, f.name)!r}, config "
+             f"{getattr(expected, f.name)!r}" for f in dataclasses.fields(ModelConfig)
+             if f.name not in IGNORED_FIELDS and getattr(got, f.name) != getattr(expected, f.name)]
+    if diffs:
+        raise CheckpointMismatch(f"checkpoint {checkpoint} does not match the config:\n  "
+                                 + "\n  ".join(diffs))
+    return model, step
+
+
+def _drawn_image(batch, row, detections, names, threshold):
+    """The resized, unpadded image of one batch row with its detections (resized pixels)."""
+    h, w = (int(v) for v in batch["size"][row])
+    pixels = batch["images"][row, :h, :w] * IMAGENET_STD + IMAGENET_MEAN
+    image = np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    scale = np.array([w, h, w, h], np.float32) / np.tile(batch["orig_size"][row][::-1], 2)
+    keep = detections["scores"][row] >= threshold
+    labels = detections["labels"][row][keep]
+    prediction = {"boxes_xyxy": detections["boxes_xyxy"][row][keep] * scale,
+                  "scores": detections["scores"][row][keep], "labels": labels,
+                  "class_names": [names.get(int(label), str(int(label))) for label in labels]}
+    return draw_prediction(image, prediction)
+
+
+def evaluate_checkpoint(config, checkpoint, output, *, split: str | None = None,
+                        which: str = "latest", num_draw: int = 0,
+                        score_threshold: float = 0.5) -> dict:
+    """COCO metrics of `checkpoint` on `split` (default config.data.eval_split) of
+    the config's dataset; writes OUTPUT (see the module doc). Returns the metrics."""
+    expected = settings_lib.model_config(config)
+    data = settings_lib.data_settings(config)
+    _, eval_batch = settings_lib.batch_configs(config, jax.process_count())
+    mesh = data_mesh()
+    settings_lib.check_devices(eval_batch.global_batch_size, mesh.size, "eval_batch_size")
+    model, step = load_for_config(checkpoint, expected, which)
+    source = open_split(data.data_dir, data.name, split or data.eval_split, data.synthetic)
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    predict = make_predict_fn(graphdef, mesh,
+                              num_top=min(NUM_TOP, expected.num_queries * expected.num_classes))
+    output = pathlib.Path(output).expanduser()
+    output.mkdir(parents=True, exist_ok=True)
+    names = {c["id"]: c["name"] for c in source.categories}
+    drawn = []
+
+    def draw(batch, detections):
+        for row in range(len(batch["image_id"])):
+            if len(drawn) < num_draw and batch["example_valid"][row]:
+                image = _drawn_image(batch, row, detections, names, score_threshold)
+                path = output / "images" / f"{int(batch['image_id'][row])}.png"
+                path.parent.mkdir(exist_ok=True)
+                image.save(path)
+                drawn.append(path)
+
+    batches = pipeline.eval_dataset(source, eval_batch, process_index=jax.process_index(),
+                                    process_count=jax.process_count(),
+                                    num_threads=data.num_threads, prefetch=data.prefetch)
+    metrics = evaluate_model(predict, (state,), batches, ground_truth_from_source(source), mesh,
+                             results_path=output / "results.json",
+                             on_batch=draw if num_draw > 0 and jax.process_index() == 0
+                             else None)
+    record = {k: metrics[k] for k in METRICS}
+    record.update(per_class=metrics["per_class"], num_images=metrics["num_images"],
+                  checkpoint=str(checkpoint), step=step, split=source.split)
+    if jax.process_index() == 0:
+        (output / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(format_metrics(metrics), flush=True)
+    return record

@@ -1,0 +1,54 @@
+"""Evaluates a checkpoint with COCO metrics:
+
+    python evaluate.py --config configs/X.py --checkpoint PATH --output DIR [--split validation]
+
+PATH: a training workdir (--which latest or best), one of its
+checkpoints/STEP folders, a converted checkpoint directory
+(python -m ddetr_jax.convert), or an authors' .pth / HuggingFace weights file
+or directory (converted on the fly). Writes DIR/metrics.json, DIR/results.json
+and, with --draw N, N images with their detections in DIR/images/.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "the config the model was trained "
+                                          "with (model and dataset)", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "what to evaluate (see above)")
+_OUTPUT = flags.DEFINE_string("output", None, "where metrics.json and results.json go")
+_SPLIT = flags.DEFINE_string("split", None, "dataset split (default: config.data.eval_split)")
+_WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"],
+                           "for a training workdir: its latest or its best checkpoint")
+_DRAW = flags.DEFINE_integer("draw", 0, "save this many images with their detections")
+_THRESHOLD = flags.DEFINE_float("score_threshold", 0.5, "score threshold of drawn detections")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "multi-host: HOST:PORT of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+flags.mark_flags_as_required(["config", "checkpoint", "output"])
+
+
+def main(argv):
+    del argv
+    import jax
+    if _COORDINATOR.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from ddetr_jax.compile_cache import enable_compilation_cache
+    from ddetr_jax.convert import CheckpointMismatch
+    from ddetr_jax.evaluation.run import evaluate_checkpoint
+    enable_compilation_cache()
+    logging.getLogger("ddetr_jax").setLevel(logging.INFO)
+    try:
+        evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _OUTPUT.value, split=_SPLIT.value,
+                            which=_WHICH.value, num_draw=_DRAW.value,
+                            score_threshold=_THRESHOLD.value)
+    except (CheckpointMismatch, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,135 @@
+"""evaluate.py's library (evaluation/run.py) and the training-workdir checkpoint kind."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ddetr_jax.convert import CheckpointMismatch
+from ddetr_jax.data.catalog import ensure_synthetic
+from ddetr_jax.evaluation.coco import METRICS
+from ddetr_jax.evaluation.run import evaluate_checkpoint
+from ddetr_jax.inference import Detector
+from ddetr_jax.train import loop
+from ddetr_jax.train.workdir import load_workdir_model
+from tests.train_fixtures import TINY_DATA, load_config, make_tiny
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny quickstart run of 3 steps, evaluated at steps 2 and 3: (config, workdir)."""
+    base = tmp_path_factory.mktemp("evaluate")
+    ensure_synthetic(base / "data", TINY_DATA["name"], TINY_DATA["train_images"],
+                     TINY_DATA["val_images"], TINY_DATA["seed"])
+    config = make_tiny(load_config("configs/quickstart.py"), base / "data", total_steps=3)
+    config.model.num_queries = 12
+    config.eval_every_steps = 2
+    loop.train(config, base / "run")
+    return config, base / "run"
+
+
+def _eval_records(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "eval/AP" in r}
+
+
+def test_workdir_evaluation_equals_the_training_evaluation(trained, tmp_path):
+    config, workdir = trained
+    metrics = evaluate_checkpoint(config, workdir, tmp_path, num_draw=2, score_threshold=0.0)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(METRICS) | {"per_class"} <= set(written)
+    assert written["step"] == 3 and written["num_images"] == TINY_DATA["val_images"]
+    during_training = _eval_records(workdir)[3]
+    for name in METRICS:
+        assert written[name] == pytest.approx(during_training[f"eval/{name}"], abs=1e-12), name
+    assert [c["name"] for c in written["per_class"]] == ["ellipse", "rectangle", "triangle",
+                                                        "cross", "star", "ring"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == TINY_DATA["val_images"] * min(100, 12 * 9)
+    assert set(results[0]) == {"image_id", "category_id", "bbox", "score"}
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2
+    assert metrics["AP"] == written["AP"]
+
+
+def test_best_checkpoint_and_step_folders(trained, tmp_path):
+    config, workdir = trained
+    evals = _eval_records(workdir)
+    best = max(evals, key=lambda s: (evals[s]["eval/AP"], s))
+    written = evaluate_checkpoint(config, workdir, tmp_path, which="best")
+    assert written["step"] == best
+    model, info = load_workdir_model(workdir / "checkpoints" / "2")
+    assert info["step"] == 2 and model.config.num_queries == 12
+
+
+def test_detector_reads_a_workdir(trained):
+    _, workdir = trained
+    detector = Detector.from_checkpoint(workdir, shorter_side=48, longer_side=60,
+                                        size_multiple=64)
+    prediction = detector.predict(np.zeros((50, 70, 3), np.uint8), score_threshold=0.0)
+    assert prediction["boxes_xyxy"].shape == (100, 4)
+
+
+def test_config_that_contradicts_the_checkpoint(trained, tmp_path):
+    config, workdir = trained
+    other = make_tiny(load_config("configs/quickstart.py"), config.data.data_dir)
+    other.model.num_queries = 7
+    with pytest.raises(CheckpointMismatch, match="model.num_queries: checkpoint 12, config 7"):
+        evaluate_checkpoint(other, workdir, tmp_path)
+
+
+def test_bad_inputs_are_named(trained, tmp_path):
+    config, workdir = trained
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate_checkpoint(config, tmp_path / "missing.pth", tmp_path / "out")
+    with pytest.raises(ValueError, match="no split 'test'"):
+        evaluate_checkpoint(config, workdir, tmp_path / "out", split="test")
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.json").write_text((workdir / "config.json").read_text())
+    with pytest.raises(CheckpointMismatch, match="no checkpoint to load"):
+        evaluate_checkpoint(config, empty, tmp_path / "out")
+    moved = config.copy_and_resolve_references()
+    moved.data.data_dir = str(tmp_path / "no_data")
+    moved.data.synthetic = {}
+    with pytest.raises(FileNotFoundError, match="dataset 'tiny_shapes' not found"):
+        evaluate_checkpoint(moved, workdir, tmp_path / "out")
+
+
+def test_converted_random_hf_checkpoint(trained, tmp_path):
+    from tests.test_parity_hf import build_hf
+    config, _ = trained
+    build_hf("multi_scale").save_pretrained(tmp_path / "hf")
+    hf_config = make_tiny(load_config("configs/r50_deformable_detr.py"), config.data.data_dir)
+    hf_config.model.update(dict(backbone_depth=50, dim=256, ffn_dim=1024, heads=8,
+                                enc_layers=2, dec_layers=2, enc_points=4, dec_points=4,
+                                num_queries=30))
+    written = evaluate_checkpoint(hf_config, tmp_path / "hf", tmp_path / "out")
+    assert written["num_images"] == TINY_DATA["val_images"] and -1 <= written["AP"] <= 1
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results) == TINY_DATA["val_images"] * 100
+
+
+def test_cli_reports_a_mismatch_in_one_line(trained, tmp_path):
+    config, workdir = trained
+    config_file = tmp_path / "other.py"
+    config_file.write_text(
+        "import sys\nsys.path.insert(0, '.')\n"
+        "from tests.train_fixtures import load_config, make_tiny\n\n\ndef get_config():\n"
+        f"    c = make_tiny(load_config('configs/quickstart.py'), {config.data.data_dir!r})\n"
+        "    c.model.dim = 48\n    return c\n")
+    done = subprocess.run([sys.executable, "evaluate.py", f"--config={config_file}",
+                           f"--checkpoint={workdir}", f"--output={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "error: checkpoint" in done.stderr and "model.dim: checkpoint 32, config 48" in \
+        done.stderr
