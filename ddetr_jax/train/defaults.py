@@ -48,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_resize_scales = t.crop_resize_scales
     c.data.crop_size = t.crop_size
     c.data.val_scale = t.val_scale
+    c.data.flip_prob = t.flip_prob
+    c.data.resize_only_prob = t.resize_only_prob  # else resize-crop-resize
     c.data.num_workers = 4
     c.data.num_threads = 8
     c.data.prefetch = 2

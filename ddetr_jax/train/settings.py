@@ -10,7 +10,8 @@ for the defaults and their meaning):
     backbone_weights
     data.{name, data_dir, train_split, eval_split, synthetic, buckets,
           max_targets, scales, max_size, crop_resize_scales, crop_size,
-          val_scale, num_workers, num_threads, prefetch}
+          val_scale, flip_prob, resize_only_prob, num_workers, num_threads,
+          prefetch}
     model.{every ModelConfig field}
     optimizer.{every OptimizerConfig field but lr_drop_step}
     loss.{class_weight, bbox_weight, giou_weight, focal_alpha, focal_gamma,
@@ -88,7 +89,9 @@ def model_config(config) -> ModelConfig:
 def transform_config(data) -> TransformConfig:
     return TransformConfig(scales=tuple(data.scales), max_size=int(data.max_size),
                            crop_resize_scales=tuple(data.crop_resize_scales),
-                           crop_size=tuple(data.crop_size), val_scale=int(data.val_scale))
+                           crop_size=tuple(data.crop_size), val_scale=int(data.val_scale),
+                           flip_prob=float(data.flip_prob),
+                           resize_only_prob=float(data.resize_only_prob))
 
 
 def loss_config(loss) -> LossConfig:
