@@ -15,6 +15,7 @@ import pytest
 
 from ddetr_jax.data.catalog import ensure_synthetic
 from ddetr_jax.train.checkpoint import Checkpoints
+from ddetr_jax.train.workdir import restore_numpy
 from tests.train_fixtures import TINY_DATA
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -61,10 +62,8 @@ def _finish(process, timeout=600):
 
 
 def _params(workdir):
-    checkpoints = pathlib.Path(workdir) / "checkpoints"
     step = Checkpoints(workdir, keep=1).latest_step()
-    from orbax.checkpoint import PyTreeCheckpointer
-    tree = PyTreeCheckpointer().restore(checkpoints / str(step) / "state")
+    tree = restore_numpy(pathlib.Path(workdir) / "checkpoints" / str(step) / "state")
     return step, jax.tree_util.tree_flatten_with_path(tree)[0]
 
 

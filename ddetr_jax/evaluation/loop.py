@@ -1,7 +1,7 @@
 """Evaluating a model on a dataset split, data-parallel: shared by train.py and evaluate.py.
 
-    predict = make_predict_fn(graphdef, mesh)
-    metrics = evaluate_model(predict, state, batches, ground_truth_from_source(source), mesh)
+    predict = make_predict_fn(graphdef, mesh, fixed=(rest,))
+    metrics = evaluate_model(predict, (params,), batches, ground_truth_from_source(source), mesh)
 
 The forward pass and post-processing run under jit + shard_map over the
 ('data',) mesh (each device its slice of the global batch, parameters
@@ -45,16 +45,18 @@ def ground_truth_from_source(source) -> dict:
             "categories": [dict(c) for c in source.categories]}
 
 
-def make_predict_fn(graphdef, mesh: Mesh, num_top: int = NUM_TOP):
+def make_predict_fn(graphdef, mesh: Mesh, num_top: int = NUM_TOP, fixed: tuple = ()):
     """jit(shard_map) of forward + postprocess.
 
-    predict(states, batch) with states = a tuple of nnx.States that make up the
-    whole model with graphdef (replicated; e.g. (state,) from nnx.split(model),
-    or (params, rest) from step.split_model) and batch EVAL_KEYS arrays, global batch sharded over 'data' -> {'scores',
-    'labels', 'boxes_xyxy', 'queries'} of shape (B, num_top[, 4]), sharded alike.
+    predict(states, batch) -> {'scores', 'labels', 'boxes_xyxy', 'queries'} of
+    shape (B, num_top[, 4]), sharded over 'data' like the batch. states: a
+    tuple of nnx.States, replicated global arrays (e.g. (params,)); fixed: the
+    States that complete the model with graphdef after them, closed over as
+    constants (e.g. the RNG and frozen terms, (rest,) from step.split_model);
+    batch: EVAL_KEYS arrays, the global batch sharded over 'data'.
     """
     def per_device(states, batch):
-        model = nnx.merge(graphdef, *states)
+        model = nnx.merge(graphdef, *states, *fixed)
         out = model(batch["images"], batch["pad_mask"], deterministic=True)
         return postprocess(out["pred_logits"], out["pred_boxes"], batch["orig_size"], num_top)
 

@@ -16,7 +16,6 @@ import pathlib
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddetr_jax.convert import CheckpointMismatch
@@ -29,7 +28,7 @@ from ddetr_jax.inference import draw_prediction, load_model
 from ddetr_jax.models import ModelConfig
 from ddetr_jax.postprocess import NUM_TOP
 from ddetr_jax.train import settings as settings_lib
-from ddetr_jax.train.step import data_mesh
+from ddetr_jax.train.step import data_mesh, split_model
 from ddetr_jax.train.workdir import load_workdir_model, split_workdir_path
 
 # Fields that do not change what a trained model computes at evaluation.
@@ -87,9 +86,9 @@ def evaluate_checkpoint(config, checkpoint, output, *, split: str | None = None,
     settings_lib.check_devices(eval_batch.global_batch_size, mesh.size, "eval_batch_size")
     model, step = load_for_config(checkpoint, expected, which)
     source = open_split(data.data_dir, data.name, split or data.eval_split, data.synthetic)
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    predict = make_predict_fn(graphdef, mesh,
+    graphdef, params, rest = split_model(model)
+    params = jax.device_put(jax.tree.map(np.asarray, params), NamedSharding(mesh, P()))
+    predict = make_predict_fn(graphdef, mesh, fixed=(rest,),
                               num_top=min(NUM_TOP, expected.num_queries * expected.num_classes))
     output = pathlib.Path(output).expanduser()
     output.mkdir(parents=True, exist_ok=True)
@@ -108,7 +107,7 @@ def evaluate_checkpoint(config, checkpoint, output, *, split: str | None = None,
     batches = pipeline.eval_dataset(source, eval_batch, process_index=jax.process_index(),
                                     process_count=jax.process_count(),
                                     num_threads=data.num_threads, prefetch=data.prefetch)
-    metrics = evaluate_model(predict, (state,), batches, ground_truth_from_source(source), mesh,
+    metrics = evaluate_model(predict, (params,), batches, ground_truth_from_source(source), mesh,
                              results_path=output / "results.json",
                              on_batch=draw if num_draw > 0 and jax.process_index() == 0
                              else None)

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddetr_jax.convert import load_backbone_weights
 from ddetr_jax.data import pipeline
@@ -112,8 +111,8 @@ class Trainer:
                                    "global_batch_size")
         settings_lib.check_devices(s.eval_batch.global_batch_size, self.mesh.size,
                                    "eval_batch_size")
-        run_config.check_and_save(config, self.workdir, override=override_config,
-                                  write=self.is_main)
+        if self.is_main:  # every process checked it above; one writes it
+            run_config.check_and_save(config, self.workdir, override=override_config)
         self.train_source = train_source
 
         model = DeformableDETR(s.model, rngs=nnx.Rngs(s.seed))
@@ -121,14 +120,13 @@ class Trainer:
             ignored = load_backbone_weights(model, s.backbone_weights)
             log.info("backbone weights from %s (ignored: %s)", s.backbone_weights, ignored)
         self.graphdef, params, rest = split_model(model)
-        self.rest = jax.device_put(rest, NamedSharding(self.mesh, P()))
         self.frozen = nnx.to_pure_dict(nnx.state(model, FrozenStat))
         self.tx, self.lr = make_optimizer(params, s.optimizer)
         self.state = init_state(params, self.tx, self.mesh)
         self.step_fn = make_train_step(self.graphdef, rest, self.tx, self.lr, self.mesh,
                                        s.loss, DTYPES[s.compute_dtype])
         self.predict = make_predict_fn(self.graphdef, self.mesh, num_top=min(
-            NUM_TOP, s.model.num_queries * s.model.num_classes))
+            NUM_TOP, s.model.num_queries * s.model.num_classes), fixed=(rest,))
         self.checkpoints = Checkpoints(self.workdir, s.keep_checkpoints)
         self.ground_truth = None
         self.consecutive_nonfinite = 0
@@ -171,7 +169,7 @@ class Trainer:
             self.eval_source, s.eval_batch, process_index=jax.process_index(),
             process_count=jax.process_count(), num_workers=0,
             num_threads=s.data.num_threads, prefetch=s.data.prefetch)
-        metrics = evaluate_model(self.predict, (self.state.params, self.rest), batches,
+        metrics = evaluate_model(self.predict, (self.state.params,), batches,
                                  self.ground_truth, self.mesh)
         writer.write(iteration, "eval", {k: metrics[k] for k in METRICS})
         if self.is_main:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -43,9 +45,15 @@ def workdir_model_config(workdir) -> ModelConfig:
     return model_config(config)
 
 
-def _restore(directory: pathlib.Path):
+def restore_numpy(directory) -> dict:
+    """An orbax PyTree checkpoint as numpy arrays, whatever devices and processes
+    wrote it (a run on 8 GPUs loads on one CPU)."""
     with ocp.PyTreeCheckpointer() as checkpointer:
-        return checkpointer.restore(directory)
+        metadata = checkpointer.metadata(directory)
+        tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(directory, restore_args=args)
 
 
 def _unwrap_values(tree):
@@ -78,10 +86,10 @@ def load_workdir_model(path, which: str = "latest") -> tuple[DeformableDETR, dic
         raise CheckpointMismatch(f"{directory}: no finished checkpoint there")
     config = workdir_model_config(workdir)
     model = DeformableDETR(config, rngs=nnx.Rngs(0))
-    saved = _restore(directory / "state")
+    saved = restore_numpy(directory / "state")
     parts = [(nnx.Param, _unwrap_values(saved["params"]))]
     if (directory / "frozen").is_dir():
-        parts.append((FrozenStat, _restore(directory / "frozen")))
+        parts.append((FrozenStat, restore_numpy(directory / "frozen")))
     for kind, values in parts:
         state = nnx.state(model, kind)
         try:
