@@ -59,7 +59,7 @@ def out_sizes(sizes, config, rng, train):
     return np.array([transforms.eval_geometry(tuple(s), config).out_hw for s in sizes])
 
 
-def padding_report(bucket_counts, samples=20000):
+def padding_report(bucket_counts, multiple, samples=20000):
     """Prints padded fractions and distinct shapes for each number of buckets;
     returns the training buckets of the first."""
     rng, config = np.random.default_rng(0), transforms.TransformConfig()
@@ -70,7 +70,7 @@ def padding_report(bucket_counts, samples=20000):
         fit = out_sizes(coco_like_sizes(rng, samples), config, rng, train)
         test = out_sizes(coco_like_sizes(rng, samples), config, rng, train)
         for count in bucket_counts:
-            buckets = bucket_lib.choose_buckets(fit, count)
+            buckets = bucket_lib.choose_buckets(fit, count, multiple=multiple)
             chosen.setdefault((train, count), buckets)
             used = len(np.unique(bucket_lib.assign_buckets(test, buckets)))
             print(f"| {'train' if train else 'validation'} | {count} "
@@ -128,8 +128,12 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--buckets", type=int, nargs="+", default=[12, 16])
+    parser.add_argument("--multiple", type=int, default=32, help="bucket sides' multiple")
+    parser.add_argument("--padding-only", action="store_true", help="skip the images/s part")
     args = parser.parse_args()
-    train_buckets = padding_report(args.buckets)
+    train_buckets = padding_report(args.buckets, args.multiple)
+    if args.padding_only:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
         write_coco_folder(root / "coco", args.images, np.random.default_rng(1))

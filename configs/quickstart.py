@@ -30,6 +30,7 @@ def get_config():
     c.data.synthetic.val_images = 200
     c.data.synthetic.seed = 0
     c.data.buckets = ((192, 256), (256, 192), (256, 256))
+    c.data.eval_buckets = ()  # the same as training
     c.data.max_targets = 16
     c.data.scales = (128, 144, 160, 176, 192)
     c.data.max_size = 256

@@ -204,3 +204,13 @@ def test_buckets_assign_the_smallest_holder_and_choose_reduces_padding():
                  for k in (1, 4, 12)]
     assert fractions[0] > fractions[1] > fractions[2]
     assert len(bucket_lib.choose_buckets(sizes, 12)) == 12
+
+
+def test_choose_buckets_can_split_the_bucket_that_holds_everything():
+    """Landscape and portrait images: two 832x1344 / 1344x832 buckets beat any set that
+    keeps the 1344x1344 holder of every size (the local search may replace it)."""
+    rng = np.random.default_rng(1)
+    short, long = rng.integers(500, 801, 400), rng.integers(1000, 1334, 400)
+    sizes = np.concatenate([np.stack([short[:200], long[:200]], 1),
+                            np.stack([long[200:], short[200:]], 1)])
+    assert bucket_lib.choose_buckets(sizes, 2).tolist() == [[832, 1344], [1344, 832]]

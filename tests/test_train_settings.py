@@ -30,12 +30,15 @@ def test_published_configs(name):
         2e-4, 2e-5, 0.1)
     assert s.data.name == "coco/2017" and s.eval_every_steps == 3665
     assert s.train_batch.transform.val_scale == 800 and s.train_batch.transform.max_size == 1333
+    assert len(s.train_batch.buckets) == len(s.eval_batch.buckets) == 12
+    assert s.train_batch.buckets != s.eval_batch.buckets
 
 
 def test_quickstart_config():
     s = settings.resolve(load_config("configs/quickstart.py"), steps_per_epoch=100)
     assert s.model.backbone_norm == "group_norm" and not s.optimizer.freeze_stem
     assert s.data.synthetic == {"train_images": 2000, "val_images": 200, "seed": 0}
+    assert s.eval_batch.buckets == s.train_batch.buckets == ((192, 256), (256, 192), (256, 256))
 
 
 def test_total_steps_override_scales_the_drop():
@@ -91,3 +94,16 @@ def test_saved_config_contradiction(tmp_path):
     run_config.check_and_save(c, tmp_path, override=True)
     assert json.loads((tmp_path / "config.json").read_text())["model"]["num_queries"] == 100
     assert json.loads((tmp_path / "config.1.json").read_text())["model"]["num_queries"] == 300
+
+
+def test_published_buckets_hold_every_published_size():
+    import numpy as np
+    from ddetr_jax.data import buckets, transforms
+    rng = np.random.default_rng(0)
+    config = transforms.TransformConfig()
+    c = base_config()
+    originals = np.stack([rng.integers(100, 1200, 3000), rng.integers(100, 1200, 3000)], 1)
+    train = [transforms.sample_train_geometry(rng, tuple(s), config).out_hw for s in originals]
+    evals = [transforms.eval_geometry(tuple(s), config).out_hw for s in originals]
+    buckets.assign_buckets(train, c.data.buckets)  # raises if a size fits no bucket
+    buckets.assign_buckets(evals, c.data.eval_buckets)

@@ -58,6 +58,7 @@ def make_tiny(config, data_dir, batch=8, total_steps=2):
     config.data.synthetic.val_images = TINY_DATA["val_images"]
     config.data.synthetic.seed = TINY_DATA["seed"]
     config.data.buckets = ((64, 64),)
+    config.data.eval_buckets = ()
     config.data.max_targets = 8
     config.data.scales = (40, 48)
     config.data.max_size = 60

@@ -43,36 +43,70 @@ def _total_waste(waste, counts, chosen):
     return (waste[:, chosen].min(axis=1) * counts).sum()
 
 
+def _search(waste, counts, chosen, num_buckets, passes):
+    """Greedy additions up to num_buckets, then local search; `waste` (U, C) may hold
+    inf (does not fit). Returns the chosen candidate indices."""
+    chosen = list(chosen)
+    while len(chosen) < num_buckets:
+        current = waste[:, chosen].min(axis=1) if chosen else np.full(len(waste), np.inf)
+        totals = (np.minimum(current[:, None], waste) * counts[:, None]).sum(axis=0)  # (C,)
+        if chosen and totals.min() >= (current * counts).sum():
+            break
+        chosen.append(int(np.argmin(totals)))
+    for _ in range(passes):
+        before = _total_waste(waste, counts, chosen)
+        for slot in range(len(chosen)):
+            rest = chosen[:slot] + chosen[slot + 1:]
+            others = waste[:, rest].min(axis=1) if rest else np.full(len(waste), np.inf)
+            totals = (np.minimum(others[:, None], waste) * counts[:, None]).sum(axis=0)
+            chosen[slot] = int(np.argmin(totals))
+        if _total_waste(waste, counts, chosen) >= before:
+            break
+    return chosen
+
+
+def _cover(rounded, candidates, chosen, rounds=10):
+    """Makes a bucket set hold every size: each size goes to the bucket whose
+    (height, width) envelope with it is smallest, and each bucket becomes the
+    envelope of its sizes, until stable. Returns candidate indices."""
+    buckets = candidates[chosen]  # (K, 2)
+    for _ in range(rounds):
+        envelopes = np.maximum(buckets[None], rounded[:, None])  # (U, K, 2)
+        assign = envelopes.prod(axis=-1).argmin(axis=1)  # (U,)
+        grown = np.array([rounded[assign == k].max(axis=0) if (assign == k).any() else b
+                          for k, b in enumerate(buckets)])
+        if (grown == buckets).all():
+            break
+        buckets = grown
+    return [int(np.flatnonzero((candidates == b).all(axis=1))[0]) for b in buckets]
+
+
 def choose_buckets(sizes_hw, num_buckets, multiple=64, passes=3):
     """A bucket set for a sample of image sizes: (K, 2) sorted buckets.
 
-    Candidates are the sample's sizes with sides rounded up to `multiple`.
-    Greedy start: the one bucket that holds every size, then, num_buckets - 1
-    times, the candidate that removes the most padded pixels. Then up to
-    `passes` rounds of local search: each bucket but the holder of every size
-    is replaced by the candidate that leaves the fewest padded pixels.
+    Candidates are every (height, width) pair of the sample's heights and
+    widths rounded up to `multiple`. Two searches, the better result kept:
+    (a) start from the one bucket that holds every size, add num_buckets - 1
+    times the candidate that removes the most padded pixels; (b) the same
+    from nothing, counting a size that fits no chosen bucket as if padded to
+    the holder of every size (so, e.g., 832x1344 and 1344x832 can replace
+    1344x1344). Each then runs up to `passes` rounds of local search: every
+    bucket in turn is replaced by the candidate that leaves the fewest padded
+    pixels. Every size fits the result.
     """
     sizes, counts = np.unique(np.asarray(sizes_hw, np.int64).reshape(-1, 2), axis=0,
                               return_counts=True)
     rounded = -(-sizes // multiple) * multiple  # (U, 2) ceil to the multiple
     cover_all = rounded.max(axis=0)
-    candidates = np.unique(np.vstack([rounded, cover_all]), axis=0)  # (C, 2)
+    heights, widths = np.unique(rounded[:, 0]), np.unique(rounded[:, 1])
+    candidates = np.stack(np.meshgrid(heights, widths, indexing="ij"), -1).reshape(-1, 2)
     fits = (sizes[:, None, :] <= candidates[None, :, :]).all(axis=-1)  # (U, C)
     waste = np.where(fits, candidates.prod(axis=1)[None, :] - sizes.prod(axis=1)[:, None],
                      np.inf)  # (U, C) padded pixels of each size in each candidate
-    chosen = [int(np.flatnonzero((candidates == cover_all).all(axis=1))[0])]
-    for _ in range(num_buckets - 1):
-        current = waste[:, chosen].min(axis=1)  # (U,)
-        totals = (np.minimum(current[:, None], waste) * counts[:, None]).sum(axis=0)  # (C,)
-        if totals.min() >= (current * counts).sum():
-            break
-        chosen.append(int(np.argmin(totals)))
-    for _ in range(passes):
-        before = _total_waste(waste, counts, chosen)
-        for slot in range(1, len(chosen)):
-            others = waste[:, chosen[:slot] + chosen[slot + 1:]].min(axis=1)  # (U,)
-            totals = (np.minimum(others[:, None], waste) * counts[:, None]).sum(axis=0)
-            chosen[slot] = int(np.argmin(totals))
-        if _total_waste(waste, counts, chosen) >= before:
-            break
-    return sort_buckets(candidates[sorted(set(chosen))])
+    holder = int(np.flatnonzero((candidates == cover_all).all(axis=1))[0])
+    penalised = np.where(fits, waste, waste[:, [holder]])  # (U, C)
+    covered = _cover(rounded, candidates, _search(penalised, counts, [], num_buckets, passes))
+    results = [_search(waste, counts, [holder], num_buckets, passes),
+               _search(waste, counts, covered, num_buckets, passes)]
+    best = min(results, key=lambda chosen: _total_waste(waste, counts, chosen))
+    return sort_buckets(candidates[sorted(set(best))])

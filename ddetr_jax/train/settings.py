@@ -8,7 +8,7 @@ for the defaults and their meaning):
     lr_drop_step, log_every_steps, eval_every_steps, checkpoint_every_steps,
     keep_checkpoints, max_consecutive_nonfinite, compute_dtype, eval_batch_size,
     backbone_weights
-    data.{name, data_dir, train_split, eval_split, synthetic, buckets,
+    data.{name, data_dir, train_split, eval_split, synthetic, buckets, eval_buckets,
           max_targets, scales, max_size, crop_resize_scales, crop_size,
           val_scale, flip_prob, resize_only_prob, num_workers, num_threads,
           prefetch}
@@ -104,6 +104,8 @@ def loss_config(loss) -> LossConfig:
 
 def batch_configs(config, process_count: int) -> tuple[BatchConfig, BatchConfig]:
     buckets = tuple(tuple(int(v) for v in b) for b in config.data.buckets)
+    eval_buckets = tuple(tuple(int(v) for v in b)
+                         for b in (config.data.get("eval_buckets") or config.data.buckets))
     transform = transform_config(config.data)
     batch = _positive("global_batch_size", config.global_batch_size)
     eval_batch = _positive("eval_batch_size", config.get("eval_batch_size") or batch)
@@ -113,7 +115,7 @@ def batch_configs(config, process_count: int) -> tuple[BatchConfig, BatchConfig]
                              f"{process_count} processes")
     max_targets = _positive("data.max_targets", config.data.max_targets)
     return (BatchConfig(batch, buckets, max_targets, transform),
-            BatchConfig(eval_batch, buckets, max_targets, transform))
+            BatchConfig(eval_batch, eval_buckets, max_targets, transform))
 
 
 def data_settings(config) -> DataSettings:
