@@ -133,3 +133,22 @@ def test_cli_reports_a_mismatch_in_one_line(trained, tmp_path):
     assert done.returncode == 1
     assert "error: checkpoint" in done.stderr and "model.dim: checkpoint 32, config 48" in \
         done.stderr
+
+
+def test_notebook_runs_on_a_training_workdir(trained, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    from tests.test_notebook import NOTEBOOK
+    _, workdir = trained
+    monkeypatch.setenv("DDETR_CHECKPOINT", str(workdir))
+    monkeypatch.setenv("DDETR_WORKDIR", str(tmp_path))
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert "num_queries=12" in "".join(o.get("data", {}).get("text/plain", "")
+                                       for o in outputs if o.output_type == "execute_result")
+    assert not (tmp_path / "converted").exists()  # the workdir was used, nothing converted

@@ -1,4 +1,5 @@
-"""notebooks/quickstart.ipynb runs end to end (nbclient) on a converted random-weight HF model."""
+"""notebooks/quickstart.ipynb runs end to end (nbclient) on a converted random-weight HF model
+(tests/test_evaluate.py runs it on a training workdir)."""
 
 import json
 import pathlib
