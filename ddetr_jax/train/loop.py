@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
+def _display_order(item):
+    """loss first, then the loss terms, then everything else, each alphabetically."""
+    name = item[0]
+    return (name != "loss", not name.startswith("loss"), name)
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps."""
 
@@ -261,8 +267,7 @@ class Trainer:
             record["epoch"] = (iteration - 1) // s.steps_per_epoch
             writer.write(iteration, "train", record)
             progress.log(f"step {iteration}: " + ", ".join(
-                f"{k} {record[k]:.4g}" for k in ("loss", "loss_ce", "loss_bbox", "loss_giou",
-                                                 "grad_norm", "lr") if k in record))
+                f"{k} {v:.4g}" for k, v in sorted(record.items(), key=_display_order)))
 
     def _at_boundary(self, iteration, iterator, writer) -> dict | None:
         evaluation = self.evaluate(iteration, writer) if self._eval_due(iteration) else None
