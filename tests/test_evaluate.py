@@ -152,3 +152,11 @@ def test_notebook_runs_on_a_training_workdir(trained, tmp_path, monkeypatch):
     assert "num_queries=12" in "".join(o.get("data", {}).get("text/plain", "")
                                        for o in outputs if o.output_type == "execute_result")
     assert not (tmp_path / "converted").exists()  # the workdir was used, nothing converted
+
+
+def test_relative_workdir_path(trained, tmp_path, monkeypatch):
+    """As the README runs it: --checkpoint runs/quickstart, relative to the working directory."""
+    config, workdir = trained
+    monkeypatch.chdir(workdir.parent)
+    written = evaluate_checkpoint(config, workdir.name, "relative_out")
+    assert written["step"] == 3 and (workdir.parent / "relative_out" / "metrics.json").exists()

@@ -30,7 +30,7 @@ WHICH = ("latest", "best")
 
 def split_workdir_path(path) -> tuple[pathlib.Path, int | None] | None:
     """(workdir, step or None) if `path` is a workdir or one of its checkpoints, else None."""
-    path = pathlib.Path(path).expanduser()
+    path = pathlib.Path(path).expanduser().absolute()
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         return path, None
     if (path.parent.name == "checkpoints" and path.name.isdigit()
