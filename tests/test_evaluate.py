@@ -4,33 +4,26 @@ import json
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from ddetr_jax.convert import CheckpointMismatch
-from ddetr_jax.data.catalog import ensure_synthetic
 from ddetr_jax.evaluation.coco import METRICS
 from ddetr_jax.evaluation.run import evaluate_checkpoint
 from ddetr_jax.inference import Detector
 from ddetr_jax.train import loop
 from ddetr_jax.train.workdir import load_workdir_model
-from tests.train_fixtures import TINY_DATA, load_config, make_tiny
+from tests.train_fixtures import TINY_DATA, load_config, make_tiny, prepare_tiny_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny quickstart run of 3 steps, evaluated at steps 2 and 3: (config, workdir)."""
     base = tmp_path_factory.mktemp("evaluate")
-    ensure_synthetic(base / "data", TINY_DATA["name"], TINY_DATA["train_images"],
-                     TINY_DATA["val_images"], TINY_DATA["seed"])
+    prepare_tiny_data(base / "data")
     config = make_tiny(load_config("configs/quickstart.py"), base / "data", total_steps=3)
     config.model.num_queries = 12
     config.eval_every_steps = 2

@@ -21,13 +21,7 @@ SIZES = dict(shorter_side=128, longer_side=256, size_multiple=64)
 NAMES = {1: "ellipse", 2: "rectangle", 3: "triangle"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    """Compile with few optimisations: these tests check behaviour, not speed."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

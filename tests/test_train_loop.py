@@ -2,30 +2,23 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
-from ddetr_jax.data.catalog import ensure_synthetic
 from ddetr_jax.train import loop
 from ddetr_jax.train.checkpoint import Checkpoints
 from ddetr_jax.train.run_config import ConfigMismatch
 from tests.test_train_settings import CONFIGS
-from tests.train_fixtures import TINY_DATA, load_config, make_tiny
+from tests.train_fixtures import TINY_DATA, load_config, make_tiny, prepare_tiny_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("data")
-    ensure_synthetic(path, TINY_DATA["name"], TINY_DATA["train_images"],
-                     TINY_DATA["val_images"], TINY_DATA["seed"])
+    prepare_tiny_data(path)
     return path
 
 

@@ -13,10 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from ddetr_jax.data.catalog import ensure_synthetic
 from ddetr_jax.train.checkpoint import Checkpoints
 from ddetr_jax.train.workdir import restore_numpy
-from tests.train_fixtures import TINY_DATA
+from tests.train_fixtures import prepare_tiny_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 8
@@ -40,8 +39,7 @@ def get_config():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
-    ensure_synthetic(base / "data", TINY_DATA["name"], TINY_DATA["train_images"],
-                     TINY_DATA["val_images"], TINY_DATA["seed"])
+    prepare_tiny_data(base / "data")
     config = base / "tiny.py"
     config.write_text(CONFIG.format(root=str(ROOT), data_dir=str(base / "data"),
                                     total=TOTAL_STEPS))

@@ -12,12 +12,7 @@ from tests.train_fixtures import random_batch, tiny_model
 OPT = OptimizerConfig(lr_drop_step=100)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """Speed is not tested here: compile with most XLA optimisations off."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def setup(devices, model=None, **step_kwargs):

@@ -39,6 +39,13 @@ def random_batch(seed=0, batch=8, size=64, max_targets=6,
 TINY_DATA = dict(name="tiny_shapes", train_images=24, val_images=8, seed=0)
 
 
+def prepare_tiny_data(data_dir):
+    """Writes and prepares the tiny synthetic dataset (TINY_DATA) in data_dir."""
+    from ddetr_jax.data.catalog import ensure_synthetic
+    ensure_synthetic(data_dir, TINY_DATA["name"], TINY_DATA["train_images"],
+                     TINY_DATA["val_images"], TINY_DATA["seed"])
+
+
 def load_config(path):
     """get_config() of a config file (as train.py's --config reads it)."""
     import importlib.util
