@@ -89,3 +89,15 @@ def test_non_finite_costs_raise_a_clear_error():
     logits[0, 3, :] = np.nan
     with pytest.raises(Exception, match="non-finite matching cost"):
         jax.block_until_ready(jax.jit(match)(logits, pred, labels, boxes, valid))
+
+
+def test_optax_matching_inside_shard_map_equals_scipy():
+    """On device inside the data-parallel step: each device's slice of the batch."""
+    from jax.sharding import Mesh, PartitionSpec as P
+    logits, pred, labels, boxes, valid = random_problem(2, b=8, counts=(3, 0, 5, 1, 5, 2, 4, 5))
+    expected = np.asarray(jax.jit(match)(logits, pred, labels, boxes, valid))
+    mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    sharded = jax.jit(jax.shard_map(lambda *a: match(*a, solver="optax"), mesh=mesh,
+                                    in_specs=P("data"), out_specs=P("data")))
+    np.testing.assert_array_equal(np.asarray(sharded(logits, pred, labels, boxes, valid)),
+                                  expected)

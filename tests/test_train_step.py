@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from ddetr_jax.train.optimizer import OptimizerConfig, make_optimizer, param_group
-from ddetr_jax.train.step import data_mesh, init_state, make_train_step, shard_batch, split_model
+from ddetr_jax.losses import LossConfig
+from ddetr_jax.train.step import (data_mesh, init_state, make_train_step, matching_solver,
+                                  shard_batch, split_model)
 from tests.train_fixtures import random_batch, tiny_model
 
 OPT = OptimizerConfig(lr_drop_step=100)
@@ -99,3 +101,13 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss():
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses[1], losses[0], rtol=5e-2)
+
+
+def test_several_cpu_devices_match_on_device():
+    """scipy's host callback can deadlock XLA's CPU runtime with several CPU
+    devices in one process: such meshes switch to optax, one device keeps scipy."""
+    config = LossConfig()
+    assert matching_solver(config, data_mesh(jax.devices()[:8])).solver == "optax"
+    assert matching_solver(config, data_mesh(jax.devices()[:1])).solver == "scipy"
+    assert matching_solver(LossConfig(solver="optax"), data_mesh(jax.devices()[:1])).solver \
+        == "optax"

@@ -8,6 +8,7 @@ metrics averaged with lax.pmean, num_boxes from lax.psum (DESIGN.md 2-3).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, NamedTuple
 
 import jax
@@ -54,6 +55,25 @@ def _tree_norm(tree):
     return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
+def matching_solver(loss_config: LossConfig, mesh: Mesh) -> LossConfig:
+    """loss_config, with solver 'optax' where 'scipy' would hang.
+
+    The scipy solver runs in a host callback whose inputs JAX first copies to
+    the first CPU device; with several CPU devices in one process
+    (JAX_NUM_CPU_DEVICES > 1) that copy can deadlock XLA's CPU runtime while
+    the other devices execute (seen: the quickstart on 2 CPU devices hung at
+    its first step). Such meshes match on device instead (same optimal
+    assignment), with a warning.
+    """
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    if loss_config.solver != "scipy" or len(local) < 2 or local[0].platform != "cpu":
+        return loss_config
+    logging.warning("matching with optax's Hungarian algorithm on device instead of scipy: "
+                    "%d CPU devices in this process (a host callback can deadlock there)",
+                    len(local))
+    return dataclasses.replace(loss_config, solver="optax")
+
+
 def make_train_step(graphdef, rest, tx, lr_schedule, mesh: Mesh,
                     loss_config: LossConfig = LossConfig(), compute_dtype=None):
     """Builds the jitted step.
@@ -66,8 +86,10 @@ def make_train_step(graphdef, rest, tx, lr_schedule, mesh: Mesh,
     skipped, the state returned unchanged, and metrics['nonfinite'] is 1
     (non-finite matching costs leave that image unmatched instead of raising,
     since its loss or gradients are then non-finite too and the step reports it).
+    Several CPU devices in one process match with optax (matching_solver).
     """
-    loss_config = dataclasses.replace(loss_config, nonfinite_costs="unmatched")
+    loss_config = dataclasses.replace(matching_solver(loss_config, mesh),
+                                      nonfinite_costs="unmatched")
     def per_device(state: TrainState, batch, rng):
         device_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                                         jax.lax.axis_index("data"))
