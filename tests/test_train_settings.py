@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ddetr_jax.train import run_config, settings
+from ddetr_jax.train import optimizer, run_config, settings
 from ddetr_jax.train.defaults import base_config
 from tests.train_fixtures import load_config
 
@@ -50,11 +50,27 @@ def test_total_steps_override_scales_the_drop():
     assert settings.resolve(c, steps_per_epoch=10).optimizer.lr_drop_step == 123
 
 
+def test_cosine_schedule_ends_at_total_steps():
+    c = base_config()
+    c.total_steps, c.optimizer.warmup_steps, c.optimizer.schedule = 1000, 100, "cosine"
+    s = settings.resolve(c, steps_per_epoch=10)
+    assert s.optimizer.total_steps == 1000
+    lr = optimizer.schedule(1.0, s.optimizer)
+    assert float(lr(50)) == pytest.approx(0.5) and float(lr(100)) == pytest.approx(1.0)
+    assert float(lr(550)) == pytest.approx(0.5) and float(lr(1000)) == pytest.approx(0.0)
+    step = optimizer.schedule(1.0, settings.resolve(base_config(), 10).optimizer)
+    assert float(step(399)) == 1.0 and float(step(400)) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="must exceed warmup_steps"):
+        optimizer.schedule(1.0, optimizer.OptimizerConfig(schedule="cosine", total_steps=10,
+                                                          warmup_steps=10))
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("global_batch_size", 0, "global_batch_size must be >= 1"),
     ("compute_dtype", "float16", "compute_dtype"),
     ("model.heads_typo", 3, "unknown fields"),
     ("optimizer.freeze_stem", False, "contradicts"),
+    ("optimizer.schedule", "linear", "optimizer.schedule: expected one of"),
 ])
 def test_bad_configs(field, value, message):
     c = base_config()

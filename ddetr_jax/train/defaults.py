@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
         two_stage=False))
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=2e-4, lr_backbone=2e-5, lr_linear_proj_mult=0.1, weight_decay=1e-4,
-        clip_max_norm=0.1, warmup_steps=0, freeze_stem=True))
+        clip_max_norm=0.1, warmup_steps=0, schedule="step", freeze_stem=True))
     c.loss = ml_collections.ConfigDict(dict(
         class_weight=2.0, bbox_weight=5.0, giou_weight=2.0, focal_alpha=0.25, focal_gamma=2.0,
         class_cost=2.0, bbox_cost=5.0, giou_cost=2.0, solver="scipy"))

@@ -2,7 +2,9 @@
 
 Mirrors the authors' main.py: lr 2e-4, backbone 2e-5, parameters whose names
 contain sampling_offsets or reference_points at lr * 0.1, weight decay 1e-4
-on everything trained, global-norm clipping 0.1, lr * 0.1 at the drop step.
+on everything trained, global-norm clipping 0.1, lr * 0.1 at the drop step
+(schedule='step'; 'cosine' decays to zero over total_steps instead, for short
+runs such as the quickstart).
 Frozen parameters (stem, layer1, when the backbone uses frozen batch norm:
 freeze_stem) get no update and no optimizer state.
 """
@@ -27,6 +29,8 @@ class OptimizerConfig:
     clip_max_norm: float = 0.1
     lr_drop_step: int = 40
     warmup_steps: int = 0
+    schedule: str = "step"  # or "cosine": base_lr -> 0 over total_steps, after the warmup
+    total_steps: int = 0  # the cosine's end; set by the training settings
     freeze_stem: bool = True  # False for ModelConfig(backbone_norm="group_norm")
 
 
@@ -46,13 +50,26 @@ def param_group(path: tuple, freeze_stem: bool = True) -> str:
     return "default"
 
 
+SCHEDULES = ("step", "cosine")
+
+
 def schedule(base_lr: float, config: OptimizerConfig) -> optax.Schedule:
-    """Optional linear warmup, then base_lr, then base_lr * 0.1 from lr_drop_step."""
-    step_decay = optax.piecewise_constant_schedule(base_lr, {config.lr_drop_step: 0.1})
+    """Optional linear warmup, then either base_lr and base_lr * 0.1 from
+    lr_drop_step ('step'), or a cosine from base_lr at the end of the warmup
+    to 0 at total_steps ('cosine')."""
+    if config.schedule == "step":
+        decay = optax.piecewise_constant_schedule(base_lr, {config.lr_drop_step: 0.1})
+    elif config.schedule == "cosine":
+        if config.total_steps <= config.warmup_steps:
+            raise ValueError(f"schedule 'cosine': total_steps ({config.total_steps}) must "
+                             f"exceed warmup_steps ({config.warmup_steps})")
+        decay = optax.cosine_decay_schedule(base_lr, config.total_steps - config.warmup_steps)
+    else:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {config.schedule!r}")
     if config.warmup_steps <= 0:
-        return step_decay
+        return decay
     warmup = optax.linear_schedule(0.0, base_lr, config.warmup_steps)
-    return optax.join_schedules([warmup, step_decay], [config.warmup_steps])
+    return optax.join_schedules([warmup, decay], [config.warmup_steps])
 
 
 def group_labels(params: nnx.State, freeze_stem: bool = True):

@@ -13,7 +13,7 @@ for the defaults and their meaning):
           val_scale, flip_prob, resize_only_prob, num_workers, num_threads,
           prefetch}
     model.{every ModelConfig field}
-    optimizer.{every OptimizerConfig field but lr_drop_step}
+    optimizer.{every OptimizerConfig field but lr_drop_step, total_steps}
     loss.{class_weight, bbox_weight, giou_weight, focal_alpha, focal_gamma,
           solver, class_cost, bbox_cost, giou_cost}
 """
@@ -27,7 +27,7 @@ from ddetr_jax.data.transforms import TransformConfig
 from ddetr_jax.losses import LossConfig
 from ddetr_jax.matcher import MatchWeights
 from ddetr_jax.models import ModelConfig
-from ddetr_jax.train.optimizer import OptimizerConfig
+from ddetr_jax.train.optimizer import SCHEDULES, OptimizerConfig
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 MATCHER_FIELDS = {"class_cost", "bbox_cost", "giou_cost"}
@@ -51,7 +51,7 @@ class Settings:
 
     seed: int
     model: ModelConfig
-    optimizer: OptimizerConfig  # lr_drop_step resolved
+    optimizer: OptimizerConfig  # lr_drop_step, total_steps resolved
     loss: LossConfig
     data: DataSettings
     train_batch: BatchConfig
@@ -147,12 +147,15 @@ def resolve(config, steps_per_epoch: int, process_count: int = 1) -> Settings:
         lr_drop = int(config.lr_drop_epochs) * steps_per_epoch
     model = model_config(config)
     optimizer = OptimizerConfig(**_fields(OptimizerConfig, dict(config.optimizer), "optimizer"),
-                                lr_drop_step=lr_drop)
+                                lr_drop_step=lr_drop, total_steps=total)
     if optimizer.freeze_stem != (model.backbone_norm == "frozen_batch_norm"):
         raise ValueError(
             f"config.optimizer.freeze_stem={optimizer.freeze_stem} contradicts "
             f"config.model.backbone_norm={model.backbone_norm!r}: the stem and layer1 are "
             "frozen exactly when the backbone uses frozen batch norm")
+    if optimizer.schedule not in SCHEDULES:
+        raise ValueError(f"config.optimizer.schedule: expected one of {SCHEDULES}, "
+                         f"got {optimizer.schedule!r}")
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.compute_dtype: expected one of {COMPUTE_DTYPES}, "
                          f"got {config.compute_dtype!r}")
