@@ -95,9 +95,9 @@ def _optax_assign(cost, target_valid):
     if not axes:
         return jnp.where(target_valid & finite[:, None], jax.vmap(one)(cost), -1)
     # Inside shard_map: optax's loop carries start device-invariant and cannot
-    # take a per-device cost, so every device solves the gathered (invariant)
-    # batch (gathered by a psum, whose result
-    # is invariant) and keeps its own slice (a few hundred microseconds of work).
+    # take a per-device cost, so every device solves the whole batch, gathered
+    # by a psum (whose result is invariant), and keeps its own slice (a few
+    # hundred microseconds of work).
     batch = cost.shape[0]
     start = jax.lax.axis_index(axes) * batch
     slots = jnp.zeros((jax.lax.psum(1, axes) * batch,) + cost.shape[1:], cost.dtype)
