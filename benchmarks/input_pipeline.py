@@ -90,16 +90,14 @@ def padding_report(bucket_counts, multiple, samples=20000):
 def optimal_padding(fit, num_buckets, multiple, time_limit):
     """The fewest padded pixels any num_buckets buckets (sides multiples of
     `multiple`) can give the sizes `fit`, by mixed-integer programming (scipy's
-    HiGHS): binary y_b picks candidate buckets (every pair of the sample's
-    rounded heights and widths, which loses nothing: a bucket can shrink to the
-    largest height and width it holds), x_sb assigns each rounded size s to one
+    HiGHS): binary y_b picks candidate buckets (buckets.candidate_buckets,
+    which loses nothing), x_sb assigns each rounded size s to one
     picked bucket holding it, at cost count_s * area_b; at most num_buckets
     picked. Returns (buckets, scipy result): result.status 0 is proven optimal
     (within mip_rel_gap 1e-4), 1 hit the time limit."""
     from scipy import optimize, sparse
     cells, counts = np.unique(-(-fit // multiple) * multiple, axis=0, return_counts=True)
-    heights, widths = np.unique(cells[:, 0]), np.unique(cells[:, 1])
-    candidates = np.stack(np.meshgrid(heights, widths, indexing="ij"), -1).reshape(-1, 2)
+    candidates = bucket_lib.candidate_buckets(cells, multiple)
     cell, bucket = np.nonzero((cells[:, None, :] <= candidates[None]).all(-1))
     nx, ny = len(cell), len(candidates)
     pairs = np.arange(nx)

@@ -92,19 +92,19 @@ def _optax_assign(cost, target_valid):
         return jnp.full((c.shape[1],), -1, jnp.int32).at[cols].set(rows.astype(jnp.int32))
 
     axes = tuple(sorted(varying_axes(cost)))
-    if not axes:
-        return jnp.where(target_valid & finite[:, None], jax.vmap(one)(cost), -1)
-    # Inside shard_map: optax's loop carries start device-invariant and cannot
-    # take a per-device cost, so every device solves the whole batch, gathered
-    # by a psum (whose result is invariant), and keeps its own slice (a few
-    # hundred microseconds of work).
-    batch = cost.shape[0]
-    start = jax.lax.axis_index(axes) * batch
-    slots = jnp.zeros((jax.lax.psum(1, axes) * batch,) + cost.shape[1:], cost.dtype)
-    gathered = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(slots, cost, start, 0), axes)
-    everyone = jax.vmap(one)(gathered)  # (D*B, T), the same on every device
-    mine = jax.lax.dynamic_slice_in_dim(everyone, start, batch)
-    return jnp.where(target_valid & finite[:, None], mine, -1)
+    if axes:
+        # Inside shard_map: optax's loop carries start device-invariant and
+        # cannot take a per-device cost, so every device solves the whole
+        # batch, gathered by a psum (whose result is invariant), and keeps its
+        # own slice (a few hundred microseconds of work).
+        batch = cost.shape[0]
+        start = jax.lax.axis_index(axes) * batch
+        slots = jnp.zeros((jax.lax.psum(1, axes) * batch,) + cost.shape[1:], cost.dtype)
+        gathered = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(slots, cost, start, 0), axes)
+        assigned = jax.lax.dynamic_slice_in_dim(jax.vmap(one)(gathered), start, batch)
+    else:
+        assigned = jax.vmap(one)(cost)
+    return jnp.where(target_valid & finite[:, None], assigned, -1)
 
 
 def match(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, target_valid,

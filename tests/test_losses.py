@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.sharding import Mesh, PartitionSpec as P
 from transformers.loss.loss_deformable_detr import (DeformableDetrHungarianMatcher,
                                                     DeformableDetrImageLoss)
 
@@ -93,7 +94,6 @@ def test_non_finite_costs_raise_a_clear_error():
 
 def test_optax_matching_inside_shard_map_equals_scipy():
     """On device inside the data-parallel step: each device's slice of the batch."""
-    from jax.sharding import Mesh, PartitionSpec as P
     logits, pred, labels, boxes, valid = random_problem(2, b=8, counts=(3, 0, 5, 1, 5, 2, 4, 5))
     expected = np.asarray(jax.jit(match)(logits, pred, labels, boxes, valid))
     mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddetr_jax.train.optimizer import OptimizerConfig, make_optimizer, param_group
 from ddetr_jax.losses import LossConfig
+from ddetr_jax.train.optimizer import OptimizerConfig, make_optimizer, param_group
 from ddetr_jax.train.step import (data_mesh, init_state, make_train_step, matching_solver,
                                   shard_batch, split_model)
 from tests.train_fixtures import random_batch, tiny_model

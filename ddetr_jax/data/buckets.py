@@ -81,6 +81,15 @@ def _cover(rounded, candidates, chosen, rounds=10):
     return [int(np.flatnonzero((candidates == b).all(axis=1))[0]) for b in buckets]
 
 
+def candidate_buckets(sizes_hw, multiple):
+    """Every (height, width) pair of the sizes' heights and widths rounded up to
+    `multiple`: (C, 2). A bucket set can always shrink to such pairs (to the
+    largest height and width it holds) without losing a size."""
+    rounded = -(-np.asarray(sizes_hw, np.int64).reshape(-1, 2) // multiple) * multiple
+    heights, widths = np.unique(rounded[:, 0]), np.unique(rounded[:, 1])
+    return np.stack(np.meshgrid(heights, widths, indexing="ij"), -1).reshape(-1, 2)
+
+
 def choose_buckets(sizes_hw, num_buckets, multiple=64, passes=3):
     """A bucket set for a sample of image sizes: (K, 2) sorted buckets.
 
@@ -98,8 +107,7 @@ def choose_buckets(sizes_hw, num_buckets, multiple=64, passes=3):
                               return_counts=True)
     rounded = -(-sizes // multiple) * multiple  # (U, 2) ceil to the multiple
     cover_all = rounded.max(axis=0)
-    heights, widths = np.unique(rounded[:, 0]), np.unique(rounded[:, 1])
-    candidates = np.stack(np.meshgrid(heights, widths, indexing="ij"), -1).reshape(-1, 2)
+    candidates = candidate_buckets(rounded, multiple)
     fits = (sizes[:, None, :] <= candidates[None, :, :]).all(axis=-1)  # (U, C)
     waste = np.where(fits, candidates.prod(axis=1)[None, :] - sizes.prod(axis=1)[:, None],
                      np.inf)  # (U, C) padded pixels of each size in each candidate

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+SCHEDULES = ("step", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,14 @@ class OptimizerConfig:
     schedule: str = "step"  # or "cosine": base_lr -> 0 over total_steps, after the warmup
     total_steps: int = 0  # the cosine's end; set by the training settings
     freeze_stem: bool = True  # False for ModelConfig(backbone_norm="group_norm")
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optimizer.schedule: expected one of {SCHEDULES}, "
+                             f"got {self.schedule!r}")
+        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+            raise ValueError(f"schedule 'cosine': total_steps ({self.total_steps}) must "
+                             f"exceed warmup_steps ({self.warmup_steps})")
 
 
 def param_group(path: tuple, freeze_stem: bool = True) -> str:
@@ -50,22 +59,14 @@ def param_group(path: tuple, freeze_stem: bool = True) -> str:
     return "default"
 
 
-SCHEDULES = ("step", "cosine")
-
-
 def schedule(base_lr: float, config: OptimizerConfig) -> optax.Schedule:
     """Optional linear warmup, then either base_lr and base_lr * 0.1 from
     lr_drop_step ('step'), or a cosine from base_lr at the end of the warmup
     to 0 at total_steps ('cosine')."""
-    if config.schedule == "step":
-        decay = optax.piecewise_constant_schedule(base_lr, {config.lr_drop_step: 0.1})
-    elif config.schedule == "cosine":
-        if config.total_steps <= config.warmup_steps:
-            raise ValueError(f"schedule 'cosine': total_steps ({config.total_steps}) must "
-                             f"exceed warmup_steps ({config.warmup_steps})")
+    if config.schedule == "cosine":
         decay = optax.cosine_decay_schedule(base_lr, config.total_steps - config.warmup_steps)
     else:
-        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {config.schedule!r}")
+        decay = optax.piecewise_constant_schedule(base_lr, {config.lr_drop_step: 0.1})
     if config.warmup_steps <= 0:
         return decay
     warmup = optax.linear_schedule(0.0, base_lr, config.warmup_steps)

@@ -27,7 +27,7 @@ from ddetr_jax.data.transforms import TransformConfig
 from ddetr_jax.losses import LossConfig
 from ddetr_jax.matcher import MatchWeights
 from ddetr_jax.models import ModelConfig
-from ddetr_jax.train.optimizer import SCHEDULES, OptimizerConfig
+from ddetr_jax.train.optimizer import OptimizerConfig
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 MATCHER_FIELDS = {"class_cost", "bbox_cost", "giou_cost"}
@@ -153,9 +153,6 @@ def resolve(config, steps_per_epoch: int, process_count: int = 1) -> Settings:
             f"config.optimizer.freeze_stem={optimizer.freeze_stem} contradicts "
             f"config.model.backbone_norm={model.backbone_norm!r}: the stem and layer1 are "
             "frozen exactly when the backbone uses frozen batch norm")
-    if optimizer.schedule not in SCHEDULES:
-        raise ValueError(f"config.optimizer.schedule: expected one of {SCHEDULES}, "
-                         f"got {optimizer.schedule!r}")
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.compute_dtype: expected one of {COMPUTE_DTYPES}, "
                          f"got {config.compute_dtype!r}")

@@ -21,6 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ddetr_jax.losses import LossConfig, criterion
 from ddetr_jax.ops.manual_axes import make_varying
 
+log = logging.getLogger(__name__)
+
 BATCH_KEYS = ("images", "pad_mask", "boxes_cxcywh", "labels", "target_valid")
 
 
@@ -68,7 +70,7 @@ def matching_solver(loss_config: LossConfig, mesh: Mesh) -> LossConfig:
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     if loss_config.solver != "scipy" or len(local) < 2 or local[0].platform != "cpu":
         return loss_config
-    logging.warning("matching with optax's Hungarian algorithm on device instead of scipy: "
+    log.warning("matching with optax's Hungarian algorithm on device instead of scipy: "
                     "%d CPU devices in this process (a host callback can deadlock there)",
                     len(local))
     return dataclasses.replace(loss_config, solver="optax")
