@@ -180,19 +180,21 @@ def prepare_batch(images: Sequence[np.ndarray], shorter: int, longer: int | None
 
 # ----------------------------------------------------------------------------- detector
 
-def _detect(graphdef, state, pixels, pad_mask, orig_size, *, num_top, layer, on_trace):
+def _detect(graphdef, state, pixels, pad_mask, orig_size, *, num_top, nms_iou, layer,
+            on_trace):
     """The jitted body: forward, post-process and, if `layer` is not None, that decoder
     layer's cross-attention sampling locations (B, Q, M, L, P, 2) and weights (B, Q, M, L, P)."""
     on_trace()
     model = nnx.merge(graphdef, state)
     if layer is None:
         out = model(pixels, pad_mask)
-        return postprocess(out["pred_logits"], out["pred_boxes"], orig_size, num_top), None
+        return postprocess(out["pred_logits"], out["pred_boxes"], orig_size, num_top,
+                           nms_iou), None
     capture = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
     out, intermediates = capture(pixels, pad_mask)
     sampled = intermediates["decoder"]["layers"][layer]["cross_attn"]["sample"]
     _, locations, weights = sampled.get_value()[0]  # the one call of MSDeformAttn.sample
-    return postprocess(out["pred_logits"], out["pred_boxes"], orig_size, num_top), {
+    return postprocess(out["pred_logits"], out["pred_boxes"], orig_size, num_top, nms_iou), {
         "locations": locations, "weights": weights}
 
 
@@ -203,24 +205,28 @@ class Detector:
     class_names: {category id: name} or a sequence indexed by category id
     (default: the id as text). shorter_side, longer_side: the resize; size_multiple:
     the padding bucket; batch_size: images per forward pass; num_top:
-    detections kept per image before the score threshold.
+    detections kept per image before the score threshold; nms_iou: > 0 adds
+    class-wise NMS at that IoU (postprocess.postprocess; 0: the authors' post-processing).
     """
 
     def __init__(self, model: DeformableDETR, class_names: Mapping[int, str] |
                  Sequence[str] | None = None, *, shorter_side: int = 800,
                  longer_side: int | None = 1333, size_multiple: int = 128, batch_size: int = 8,
-                 num_top: int = NUM_TOP):
+                 num_top: int = NUM_TOP, nms_iou: float = 0.0):
+        if not 0.0 <= nms_iou < 1.0:
+            raise ValueError(f"nms_iou: expected 0 (off) or an IoU in (0, 1), got {nms_iou}")
         self.config = model.config
         if isinstance(class_names, Sequence):
             class_names = dict(enumerate(class_names))
         self.class_names = dict(class_names or {})
         self.shorter_side, self.longer_side = shorter_side, longer_side
         self.size_multiple, self.batch_size, self.num_top = size_multiple, batch_size, num_top
+        self.nms_iou = float(nms_iou)
         self.compilations = 0  # traces of the jitted forward (each compiles once)
         self._graphdef, self._state = nnx.split(model)
         self._forward = jax.jit(functools.partial(_detect, self._graphdef,
                                                   on_trace=self._count_trace),
-                                static_argnames=("num_top", "layer"))
+                                static_argnames=("num_top", "nms_iou", "layer"))
 
     @classmethod
     def from_checkpoint(cls, path, class_names=None, *, model_overrides: Mapping | None = None,
@@ -240,7 +246,8 @@ class Detector:
         detections, attention = self._forward(self._state, jnp.asarray(batch.pixels),
                                               jnp.asarray(batch.pad_mask),
                                               jnp.asarray(batch.orig_size),
-                                              num_top=self.num_top, layer=layer)
+                                              num_top=self.num_top, nms_iou=self.nms_iou,
+                                              layer=layer)
         return batch, jax.device_get(detections), jax.device_get(attention)
 
     def predict(self, image_or_images, score_threshold: float = 0.5):
@@ -249,7 +256,7 @@ class Detector:
         Each dict: 'boxes_xyxy' (N, 4) float32 pixels of the original image,
         'scores' (N,) descending, 'labels' (N,) int category ids, 'class_names'
         [N names], 'queries' (N,) the decoder query of each detection; N <=
-        num_top detections with score >= score_threshold.
+        num_top detections with score >= score_threshold (and > 0: not suppressed).
         """
         single = not isinstance(image_or_images, (list, tuple))
         images = [load_image(im) for im in ([image_or_images] if single else image_or_images)]
@@ -261,7 +268,8 @@ class Detector:
         return predictions[0] if single else predictions
 
     def _select(self, detections, i: int, score_threshold: float) -> dict:
-        keep = detections["scores"][i] >= score_threshold
+        scores = detections["scores"][i]
+        keep = (scores >= score_threshold) & (scores > 0)
         labels = detections["labels"][i][keep]
         return {"boxes_xyxy": detections["boxes_xyxy"][i][keep],
                 "scores": detections["scores"][i][keep], "labels": labels,
@@ -288,7 +296,8 @@ class Detector:
         if query is None:
             query = int(detections["queries"][0, 0])
         # The query's best-scoring detection among the kept ones, if any.
-        rows = np.flatnonzero(detections["queries"][0] == query)
+        rows = np.flatnonzero((detections["queries"][0] == query)
+                              & (detections["scores"][0] > 0))
         row = int(rows[0]) if rows.size else None
         shapes = self._level_shapes(batch.pixels.shape[1:3])
         points = _to_original_pixels(attention["locations"][0, query], shapes,

@@ -4,6 +4,13 @@ Mirrors the authors' models/deformable_detr.py (PostProcess.forward): sigmoid
 scores, top-k over every (query, class) pair of an image, label = flat index
 mod C, query = flat index // C, boxes cxcywh -> xyxy scaled by the original
 image size. The class index is the dataset's category id (C = max id + 1).
+
+Optionally (nms_iou > 0, off by default and in the authors' evaluation)
+class-wise non-maximum suppression among those top detections: a detection
+whose IoU with a higher-scoring kept detection of the same class exceeds
+nms_iou is suppressed. Suppressed detections keep their slot (static
+shapes) with score 0, sorted after every kept one; a score of 0 means "no
+detection" to every consumer (COCO results, Detector.predict).
 """
 
 from __future__ import annotations
@@ -13,21 +20,53 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ddetr_jax.box_ops import cxcywh_to_xyxy
+from ddetr_jax.box_ops import area_xyxy, cxcywh_to_xyxy
+from ddetr_jax.ops.manual_axes import make_varying, varying_axes
 
 NUM_TOP = 100  # detections per image in the published COCO evaluation
 
 
-@functools.partial(jax.jit, static_argnames="num_top")
-def postprocess(pred_logits, pred_boxes, orig_size, num_top: int = NUM_TOP):
-    """Top `num_top` detections per image.
+def pairwise_iou(boxes_xyxy):
+    """boxes_xyxy: (K, 4) -> (K, K) IoU of every pair; 0 where the union is empty."""
+    a, b = boxes_xyxy[:, None, :], boxes_xyxy[None, :, :]
+    wh = jnp.clip(jnp.minimum(a[..., 2:], b[..., 2:]) - jnp.maximum(a[..., :2], b[..., :2]), 0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_xyxy(a) + area_xyxy(b) - inter
+    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+
+
+def nms_keep(boxes_xyxy, labels, iou_threshold: float):
+    """Greedy class-wise NMS of detections sorted by descending score.
+
+    boxes_xyxy: (K, 4); labels: (K,). Returns keep: (K,) bool; detection i is
+    kept unless a kept detection j < i of the same label has IoU > iou_threshold
+    (torchvision's batched_nms rule).
+    """
+    k = labels.shape[0]
+    index = jnp.arange(k)
+    suppresses = ((pairwise_iou(boxes_xyxy) > iou_threshold)
+                  & (labels[:, None] == labels[None, :])
+                  & (index[None, :] < index[:, None]))  # (K, K): row i, earlier column j
+
+    def visit(i, keep):
+        return keep.at[i].set(~jnp.any(suppresses[i] & keep))
+
+    keep = make_varying(jnp.ones(k, bool), varying_axes(suppresses))  # inside shard_map too
+    return jax.lax.fori_loop(0, k, visit, keep)
+
+
+@functools.partial(jax.jit, static_argnames=("num_top", "nms_iou"))
+def postprocess(pred_logits, pred_boxes, orig_size, num_top: int = NUM_TOP,
+                nms_iou: float = 0.0):
+    """Top `num_top` detections per image, then NMS at nms_iou if it is > 0.
 
     pred_logits: (B, Q, C) class logits; pred_boxes: (B, Q, 4) normalised
     (cx, cy, w, h) relative to the unpadded image; orig_size: (B, 2) (height,
     width) of the original images in pixels.
     Returns {'scores': (B, K) float32 descending, 'labels': (B, K) int32,
     'boxes_xyxy': (B, K, 4) float32 pixels of the original image, 'queries':
-    (B, K) int32 the query of each detection} with K = num_top.
+    (B, K) int32 the query of each detection} with K = num_top. With NMS the
+    suppressed detections have score 0 and come last (see the module doc).
     """
     b, q, c = pred_logits.shape
     if pred_boxes.shape != (b, q, 4):
@@ -37,6 +76,8 @@ def postprocess(pred_logits, pred_boxes, orig_size, num_top: int = NUM_TOP):
                          f"{orig_size.shape}")
     if num_top > q * c:
         raise ValueError(f"num_top ({num_top}) exceeds queries * classes ({q} * {c})")
+    if not 0.0 <= nms_iou < 1.0:
+        raise ValueError(f"nms_iou: expected 0 (off) or an IoU in (0, 1), got {nms_iou}")
     probs = jax.nn.sigmoid(pred_logits.astype(jnp.float32)).reshape(b, q * c)  # (B, Q*C)
     scores, flat = jax.lax.top_k(probs, num_top)  # (B, K)
     labels = (flat % c).astype(jnp.int32)
@@ -45,5 +86,12 @@ def postprocess(pred_logits, pred_boxes, orig_size, num_top: int = NUM_TOP):
     boxes_xyxy = jnp.take_along_axis(boxes_xyxy, query[..., None], axis=1)  # (B, K, 4)
     h, w = orig_size[:, 0].astype(jnp.float32), orig_size[:, 1].astype(jnp.float32)
     scale = jnp.stack([w, h, w, h], -1)[:, None, :]  # (B, 1, 4)
-    return {"scores": scores, "labels": labels, "boxes_xyxy": boxes_xyxy * scale,
-            "queries": query}
+    out = {"scores": scores, "labels": labels, "boxes_xyxy": boxes_xyxy * scale,
+           "queries": query}
+    if nms_iou > 0:
+        keep = jax.vmap(nms_keep, in_axes=(0, 0, None))(out["boxes_xyxy"], labels, nms_iou)
+        out["scores"] = jnp.where(keep, scores, 0.0)
+        order = jnp.argsort(~keep, axis=1, stable=True)  # kept first, each part in score order
+        out = {k: jnp.take_along_axis(v, order if v.ndim == 2 else order[..., None], axis=1)
+               for k, v in out.items()}
+    return out

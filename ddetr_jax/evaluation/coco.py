@@ -61,8 +61,9 @@ def to_coco_results(image_ids, scores, labels, boxes_xyxy) -> list[dict]:
     """Detections -> COCO results entries.
 
     image_ids: (N,); scores, labels: (N, K); boxes_xyxy: (N, K, 4) pixels.
-    Returns [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}], N * K
-    entries (the label is the category id).
+    Returns [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}], one
+    per detection with a score above 0 (0: suppressed by NMS, see postprocess);
+    the label is the category id.
     """
     image_ids = np.asarray(image_ids)
     n, k = np.shape(scores)
@@ -72,7 +73,7 @@ def to_coco_results(image_ids, scores, labels, boxes_xyxy) -> list[dict]:
     cats = np.asarray(labels).reshape(-1).tolist()
     confidences = np.asarray(scores, np.float64).reshape(-1).tolist()
     return [{"image_id": int(i), "category_id": int(c), "bbox": b, "score": s}
-            for i, c, b, s in zip(ids, cats, xywh.tolist(), confidences)]
+            for i, c, b, s in zip(ids, cats, xywh.tolist(), confidences) if s > 0]
 
 
 def write_results(results: list[dict], path) -> None:

@@ -45,7 +45,8 @@ def ground_truth_from_source(source) -> dict:
             "categories": [dict(c) for c in source.categories]}
 
 
-def make_predict_fn(graphdef, mesh: Mesh, num_top: int = NUM_TOP, fixed: tuple = ()):
+def make_predict_fn(graphdef, mesh: Mesh, num_top: int = NUM_TOP, fixed: tuple = (),
+                    nms_iou: float = 0.0):
     """jit(shard_map) of forward + postprocess.
 
     predict(states, batch) -> {'scores', 'labels', 'boxes_xyxy', 'queries'} of
@@ -53,12 +54,14 @@ def make_predict_fn(graphdef, mesh: Mesh, num_top: int = NUM_TOP, fixed: tuple =
     tuple of nnx.States, replicated global arrays (e.g. (params,)); fixed: the
     States that complete the model with graphdef after them, closed over as
     constants (e.g. the RNG and frozen terms, (rest,) from step.split_model);
+    nms_iou: > 0 adds class-wise NMS (postprocess.postprocess);
     batch: EVAL_KEYS arrays, the global batch sharded over 'data'.
     """
     def per_device(states, batch):
         model = nnx.merge(graphdef, *states, *fixed)
         out = model(batch["images"], batch["pad_mask"], deterministic=True)
-        return postprocess(out["pred_logits"], out["pred_boxes"], batch["orig_size"], num_top)
+        return postprocess(out["pred_logits"], out["pred_boxes"], batch["orig_size"], num_top,
+                           nms_iou)
 
     batch_spec = {k: P("data") for k in EVAL_KEYS}
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), batch_spec),

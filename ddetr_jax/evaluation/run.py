@@ -89,7 +89,8 @@ def evaluate_checkpoint(config, checkpoint, output, *, split: str | None = None,
     graphdef, params, rest = split_model(model)
     params = jax.device_put(jax.tree.map(np.asarray, params), NamedSharding(mesh, P()))
     predict = make_predict_fn(graphdef, mesh, fixed=(rest,),
-                              num_top=min(NUM_TOP, expected.num_queries * expected.num_classes))
+                              num_top=min(NUM_TOP, expected.num_queries * expected.num_classes),
+                              nms_iou=settings_lib.eval_nms_iou(config))
     output = pathlib.Path(output).expanduser()
     output.mkdir(parents=True, exist_ok=True)
     names = {c["id"]: c["name"] for c in source.categories}

@@ -132,7 +132,8 @@ class Trainer:
         self.step_fn = make_train_step(self.graphdef, rest, self.tx, self.lr, self.mesh,
                                        s.loss, DTYPES[s.compute_dtype])
         self.predict = make_predict_fn(self.graphdef, self.mesh, num_top=min(
-            NUM_TOP, s.model.num_queries * s.model.num_classes), fixed=(rest,))
+            NUM_TOP, s.model.num_queries * s.model.num_classes), fixed=(rest,),
+            nms_iou=s.eval_nms_iou)
         self.checkpoints = Checkpoints(self.workdir, s.keep_checkpoints)
         self.ground_truth = None
         self.consecutive_nonfinite = 0

@@ -7,7 +7,7 @@ for the defaults and their meaning):
     seed, global_batch_size, num_epochs, lr_drop_epochs, total_steps,
     lr_drop_step, log_every_steps, eval_every_steps, checkpoint_every_steps,
     keep_checkpoints, max_consecutive_nonfinite, compute_dtype, eval_batch_size,
-    backbone_weights
+    eval_nms_iou, backbone_weights
     data.{name, data_dir, train_split, eval_split, synthetic, buckets, eval_buckets,
           max_targets, scales, max_size, crop_resize_scales, crop_size,
           val_scale, flip_prob, resize_only_prob, num_workers, num_threads,
@@ -64,6 +64,7 @@ class Settings:
     keep_checkpoints: int
     max_consecutive_nonfinite: int
     compute_dtype: str
+    eval_nms_iou: float  # 0: the published post-processing; > 0: class-wise NMS
     backbone_weights: str  # "" or a torchvision ResNet state dict
 
 
@@ -125,6 +126,15 @@ def data_settings(config) -> DataSettings:
                         synthetic, int(d.num_workers), int(d.num_threads), int(d.prefetch))
 
 
+def eval_nms_iou(config) -> float:
+    """config.eval_nms_iou, checked: 0 (no NMS) or an IoU in (0, 1)."""
+    value = float(config.get("eval_nms_iou", 0.0))
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"config.eval_nms_iou: expected 0 (off) or an IoU in (0, 1), "
+                         f"got {value}")
+    return value
+
+
 def check_devices(batch_size: int, num_devices: int, name: str) -> None:
     if batch_size % num_devices:
         raise ValueError(f"config.{name}={batch_size} cannot be split evenly over "
@@ -171,4 +181,5 @@ def resolve(config, steps_per_epoch: int, process_count: int = 1) -> Settings:
         max_consecutive_nonfinite=_positive("max_consecutive_nonfinite",
                                             config.max_consecutive_nonfinite),
         compute_dtype=str(config.compute_dtype),
+        eval_nms_iou=eval_nms_iou(config),
         backbone_weights=str(config.get("backbone_weights", "")))
