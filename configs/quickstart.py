@@ -16,9 +16,9 @@ def get_config():
     c = base_config()
     c.seed = 0
     c.global_batch_size = 4
-    c.total_steps = 1700  # about 3.4 epochs of the 2,000 training images
-    c.num_epochs = 4
-    c.lr_drop_epochs = 3  # with total_steps: the drop comes at 3/4 of the run
+    c.total_steps = 1500  # 3 epochs of the 2,000 training images
+    c.num_epochs = 3
+    c.lr_drop_step = 1325  # the last 175 steps at lr x0.1
     c.log_every_steps = 25
     c.eval_every_steps = 425
     c.checkpoint_every_steps = 425

@@ -132,6 +132,19 @@ def test_perfect_and_empty_predictions(ground_truth):
     assert table[1].split() == ["0.0"] * 5 + ["-"] + ["0.0"] * 3
 
 
+def test_suppressed_detections_are_not_results(ground_truth):
+    """Score 0 marks a detection NMS suppressed (postprocess): it is left out."""
+    gt_path, coco = ground_truth
+    ids, scores, labels, boxes = hand_made_predictions(coco, seed=5)
+    suppressed = scores.copy()
+    suppressed[:, 1::2] = 0.0
+    results = to_coco_results(ids, suppressed, labels, boxes)
+    assert len(results) == suppressed.size - suppressed.shape[0] * (K // 2)
+    kept = to_coco_results(ids, scores[:, 0::2], labels[:, 0::2], boxes[:, 0::2])
+    assert results == kept
+    assert evaluate_detections(str(gt_path), results) == evaluate_detections(str(gt_path), kept)
+
+
 def test_only_seen_images_are_evaluated(ground_truth):
     gt_path, coco = ground_truth
     ids, scores, labels, boxes = hand_made_predictions(coco, seed=5)

@@ -48,10 +48,41 @@ def test_workdir_evaluation_equals_the_training_evaluation(trained, tmp_path):
     assert [c["name"] for c in written["per_class"]] == ["ellipse", "rectangle", "triangle",
                                                         "cross", "star", "ring"]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results) == TINY_DATA["val_images"] * min(100, 12 * 9)
+    assert config.eval_nms_iou == 0.5  # the quickstart's NMS: fewer than 100 per image
+    assert 0 < len(results) < TINY_DATA["val_images"] * min(100, 12 * 9)
     assert set(results[0]) == {"image_id", "category_id", "bbox", "score"}
+    assert max_same_class_iou(results) <= 0.5 and min(r["score"] for r in results) > 0
     assert len(list((tmp_path / "images").glob("*.png"))) == 2
     assert metrics["AP"] == written["AP"]
+
+
+def max_same_class_iou(results) -> float:
+    """The largest IoU between two results of one image and one class."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["image_id"], r["category_id"]), []).append(r["bbox"])
+    largest = 0.0
+    for boxes in groups.values():
+        xywh = np.asarray(boxes, np.float64)
+        lo, hi = xywh[:, :2], xywh[:, :2] + xywh[:, 2:]
+        wh = np.clip(np.minimum(hi[:, None], hi[None]) - np.maximum(lo[:, None], lo[None]), 0,
+                     None)
+        inter = wh[..., 0] * wh[..., 1]
+        area = xywh[:, 2] * xywh[:, 3]
+        iou = inter / np.maximum(area[:, None] + area[None] - inter, 1e-12)
+        np.fill_diagonal(iou, 0)
+        largest = max(largest, float(iou.max()))
+    return largest
+
+
+def test_without_nms_every_top_detection_is_written(trained, tmp_path):
+    config, workdir = trained
+    config = config.copy_and_resolve_references()
+    config.eval_nms_iou = 0.0
+    evaluate_checkpoint(config, workdir, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == TINY_DATA["val_images"] * min(100, 12 * 9)
+    assert max_same_class_iou(results) > 0.5  # an untrained model repeats itself
 
 
 def test_best_checkpoint_and_step_folders(trained, tmp_path):

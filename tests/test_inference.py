@@ -119,6 +119,26 @@ def test_predict_equals_the_model_and_compiles_once_per_bucket(model, detector):
     assert detector.compilations == compiled + 1
 
 
+def test_nms_leaves_out_same_class_duplicates(model, detector):
+    image = random_image(100, 150, seed=6)
+    everything = detector.predict(image, score_threshold=0.0)
+    with_nms = Detector(model, NAMES, **SIZES, nms_iou=0.5).predict(image, score_threshold=0.0)
+    assert 0 < len(with_nms["scores"]) < len(everything["scores"])
+    assert (with_nms["scores"] > 0).all()
+    pairs = {(q, int(c)) for q, c in zip(everything["queries"], everything["labels"])}
+    assert {(q, int(c)) for q, c in zip(with_nms["queries"], with_nms["labels"])} <= pairs
+    boxes, labels = with_nms["boxes_xyxy"], with_nms["labels"]
+    lo = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    hi = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), -1)
+    area = np.prod(boxes[:, 2:] - boxes[:, :2], -1)
+    iou = inter / (area[:, None] + area[None] - inter)
+    same = (labels[:, None] == labels[None]) & ~np.eye(len(labels), dtype=bool)
+    assert (iou[same] <= 0.5 + 1e-6).all()
+    with pytest.raises(ValueError, match="nms_iou"):
+        Detector(model, NAMES, nms_iou=1.5)
+
+
 def test_predict_many_images_equals_one_by_one(detector):
     images = [random_image(100, 150, seed=4), random_image(80, 120, seed=5, channels=4)]
     together = detector.predict(images, score_threshold=0.0)

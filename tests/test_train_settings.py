@@ -29,6 +29,7 @@ def test_published_configs(name):
     assert (s.optimizer.lr, s.optimizer.lr_backbone, s.optimizer.clip_max_norm) == (
         2e-4, 2e-5, 0.1)
     assert s.data.name == "coco/2017" and s.eval_every_steps == 3665
+    assert s.eval_nms_iou == 0.0  # the authors' post-processing
     assert s.train_batch.transform.val_scale == 800 and s.train_batch.transform.max_size == 1333
     assert len(s.train_batch.buckets) == len(s.eval_batch.buckets) == 12
     assert s.train_batch.buckets != s.eval_batch.buckets
@@ -37,6 +38,8 @@ def test_published_configs(name):
 def test_quickstart_config():
     s = settings.resolve(load_config("configs/quickstart.py"), steps_per_epoch=100)
     assert s.model.backbone_norm == "group_norm" and not s.optimizer.freeze_stem
+    assert s.eval_nms_iou == 0.5
+    assert (s.total_steps, s.optimizer.lr_drop_step, s.optimizer.warmup_steps) == (1500, 1325, 200)
     assert s.data.synthetic == {"train_images": 2000, "val_images": 200, "seed": 0}
     assert s.eval_batch.buckets == s.train_batch.buckets == ((192, 256), (256, 192), (256, 256))
 
@@ -48,6 +51,17 @@ def test_total_steps_override_scales_the_drop():
     assert s.total_steps == 1000 and s.optimizer.lr_drop_step == 800
     c.lr_drop_step = 123
     assert settings.resolve(c, steps_per_epoch=10).optimizer.lr_drop_step == 123
+
+
+def test_step_schedule_drops_at_lr_drop_step_after_a_warmup():
+    c = base_config()
+    c.total_steps, c.lr_drop_step, c.optimizer.warmup_steps = 1000, 750, 200
+    lr = optimizer.schedule(1.0, settings.resolve(c, steps_per_epoch=10).optimizer)
+    assert float(lr(100)) == pytest.approx(0.5) and float(lr(200)) == pytest.approx(1.0)
+    assert float(lr(749)) == 1.0 and float(lr(750)) == pytest.approx(0.1)
+    c.lr_drop_step = 200
+    with pytest.raises(ValueError, match="must exceed warmup_steps"):
+        settings.resolve(c, steps_per_epoch=10)
 
 
 def test_cosine_schedule_ends_at_total_steps():
@@ -71,6 +85,8 @@ def test_cosine_schedule_ends_at_total_steps():
     ("model.heads_typo", 3, "unknown fields"),
     ("optimizer.freeze_stem", False, "contradicts"),
     ("optimizer.schedule", "linear", "optimizer.schedule: expected one of"),
+    ("eval_nms_iou", 1.0, "eval_nms_iou: expected 0"),
+    ("eval_nms_iou", -0.1, "eval_nms_iou: expected 0"),
 ])
 def test_bad_configs(field, value, message):
     c = base_config()

@@ -41,6 +41,10 @@ class OptimizerConfig:
         if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
             raise ValueError(f"schedule 'cosine': total_steps ({self.total_steps}) must "
                              f"exceed warmup_steps ({self.warmup_steps})")
+        if self.schedule == "step" and 0 < self.warmup_steps and (
+                self.lr_drop_step <= self.warmup_steps):
+            raise ValueError(f"schedule 'step': lr_drop_step ({self.lr_drop_step}) must "
+                             f"exceed warmup_steps ({self.warmup_steps})")
 
 
 def param_group(path: tuple, freeze_stem: bool = True) -> str:
@@ -62,11 +66,14 @@ def param_group(path: tuple, freeze_stem: bool = True) -> str:
 def schedule(base_lr: float, config: OptimizerConfig) -> optax.Schedule:
     """Optional linear warmup, then either base_lr and base_lr * 0.1 from
     lr_drop_step ('step'), or a cosine from base_lr at the end of the warmup
-    to 0 at total_steps ('cosine')."""
+    to 0 at total_steps ('cosine'). Steps count from the start of training:
+    join_schedules hands the second schedule the steps since the warmup."""
+    after_warmup = max(config.warmup_steps, 0)
     if config.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(base_lr, config.total_steps - config.warmup_steps)
+        decay = optax.cosine_decay_schedule(base_lr, config.total_steps - after_warmup)
     else:
-        decay = optax.piecewise_constant_schedule(base_lr, {config.lr_drop_step: 0.1})
+        decay = optax.piecewise_constant_schedule(
+            base_lr, {config.lr_drop_step - after_warmup: 0.1})
     if config.warmup_steps <= 0:
         return decay
     warmup = optax.linear_schedule(0.0, base_lr, config.warmup_steps)
