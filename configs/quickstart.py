@@ -24,7 +24,7 @@ def get_config():
     c.eval_every_steps = 425
     c.checkpoint_every_steps = 425
     c.keep_checkpoints = 2
-    # 1,700 steps localise and classify the shapes but do not yet learn to leave out
+    # 1,500 steps localise and classify the shapes but do not yet learn to leave out
     # duplicates (the one-to-one matching's job): class-wise NMS at IoU 0.5 in evaluation
     # (docs/benchmarks.md, "Quickstart"; evaluate.py --config.eval_nms_iou=0 turns it off).
     c.eval_nms_iou = 0.5
