@@ -43,6 +43,12 @@ def generalized_iou(a_xyxy, b_xyxy):
     return iou - (hull - union) / hull
 
 
+def pairwise_iou(a_xyxy, b_xyxy):
+    """a: (N, 4), b: (M, 4) -> (N, M) IoU of every pair; 0 where the union is empty."""
+    iou, union = _iou_and_union(a_xyxy[:, None, :], b_xyxy[None, :, :])
+    return jnp.where(union > 0, iou, 0.0)
+
+
 def pairwise_generalized_iou(a_xyxy, b_xyxy):
     """a: (N, 4), b: (M, 4) -> (N, M) GIoU of every pair."""
     return generalized_iou(a_xyxy[:, None, :], b_xyxy[None, :, :])

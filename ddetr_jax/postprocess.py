@@ -20,19 +20,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ddetr_jax.box_ops import area_xyxy, cxcywh_to_xyxy
+from ddetr_jax.box_ops import cxcywh_to_xyxy, pairwise_iou
 from ddetr_jax.ops.manual_axes import make_varying, varying_axes
 
 NUM_TOP = 100  # detections per image in the published COCO evaluation
-
-
-def pairwise_iou(boxes_xyxy):
-    """boxes_xyxy: (K, 4) -> (K, K) IoU of every pair; 0 where the union is empty."""
-    a, b = boxes_xyxy[:, None, :], boxes_xyxy[None, :, :]
-    wh = jnp.clip(jnp.minimum(a[..., 2:], b[..., 2:]) - jnp.maximum(a[..., :2], b[..., :2]), 0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_xyxy(a) + area_xyxy(b) - inter
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
 
 
 def nms_keep(boxes_xyxy, labels, iou_threshold: float):
@@ -44,7 +35,7 @@ def nms_keep(boxes_xyxy, labels, iou_threshold: float):
     """
     k = labels.shape[0]
     index = jnp.arange(k)
-    suppresses = ((pairwise_iou(boxes_xyxy) > iou_threshold)
+    suppresses = ((pairwise_iou(boxes_xyxy, boxes_xyxy) > iou_threshold)
                   & (labels[:, None] == labels[None, :])
                   & (index[None, :] < index[:, None]))  # (K, K): row i, earlier column j
 

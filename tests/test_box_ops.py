@@ -1,6 +1,6 @@
 import numpy as np
 import torch
-from transformers.loss.loss_for_object_detection import generalized_box_iou
+from transformers.loss.loss_for_object_detection import box_iou, generalized_box_iou
 
 from ddetr_jax import box_ops
 
@@ -26,3 +26,13 @@ def test_pairwise_giou_matches_reference_and_its_bounds():
     assert np.all(ours <= 1) and np.all(ours >= -1)
     np.testing.assert_allclose(np.diag(np.asarray(box_ops.pairwise_generalized_iou(a, a))), 1,
                                atol=1e-6)
+
+
+def test_pairwise_iou_matches_reference_and_empty_boxes_give_zero():
+    rng = np.random.default_rng(2)
+    a = np.asarray(box_ops.cxcywh_to_xyxy(random_boxes_cxcywh(rng, 6)))
+    b = np.asarray(box_ops.cxcywh_to_xyxy(random_boxes_cxcywh(rng, 4)))
+    ref = box_iou(torch.tensor(a), torch.tensor(b))[0].numpy()
+    np.testing.assert_allclose(np.asarray(box_ops.pairwise_iou(a, b)), ref, atol=1e-6)
+    empty = np.array([[0.3, 0.3, 0.3, 0.3]], np.float32)
+    np.testing.assert_array_equal(np.asarray(box_ops.pairwise_iou(empty, empty)), [[0.0]])
