@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from ddetr_jax.convert import CheckpointMismatch, load_converted, load_torch_checkpoint
 from ddetr_jax.data.transforms import resized_hw
 from ddetr_jax.models import DeformableDETR
-from ddetr_jax.postprocess import NUM_TOP, postprocess
+from ddetr_jax.postprocess import NUM_TOP, check_nms_iou, postprocess
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -213,15 +213,13 @@ class Detector:
                  Sequence[str] | None = None, *, shorter_side: int = 800,
                  longer_side: int | None = 1333, size_multiple: int = 128, batch_size: int = 8,
                  num_top: int = NUM_TOP, nms_iou: float = 0.0):
-        if not 0.0 <= nms_iou < 1.0:
-            raise ValueError(f"nms_iou: expected 0 (off) or an IoU in (0, 1), got {nms_iou}")
+        self.nms_iou = check_nms_iou(nms_iou)
         self.config = model.config
         if isinstance(class_names, Sequence):
             class_names = dict(enumerate(class_names))
         self.class_names = dict(class_names or {})
         self.shorter_side, self.longer_side = shorter_side, longer_side
         self.size_multiple, self.batch_size, self.num_top = size_multiple, batch_size, num_top
-        self.nms_iou = float(nms_iou)
         self.compilations = 0  # traces of the jitted forward (each compiles once)
         self._graphdef, self._state = nnx.split(model)
         self._forward = jax.jit(functools.partial(_detect, self._graphdef,
@@ -272,7 +270,7 @@ class Detector:
         keep = (scores >= score_threshold) & (scores > 0)
         labels = detections["labels"][i][keep]
         return {"boxes_xyxy": detections["boxes_xyxy"][i][keep],
-                "scores": detections["scores"][i][keep], "labels": labels,
+                "scores": scores[keep], "labels": labels,
                 "class_names": [self.class_name(label) for label in labels],
                 "queries": detections["queries"][i][keep]}
 

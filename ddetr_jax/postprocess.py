@@ -26,6 +26,14 @@ from ddetr_jax.ops.manual_axes import make_varying, varying_axes
 NUM_TOP = 100  # detections per image in the published COCO evaluation
 
 
+def check_nms_iou(value: float, name: str = "nms_iou") -> float:
+    """value as a float if it is 0 (no NMS) or an IoU in (0, 1); else a ValueError."""
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected 0 (off) or an IoU in (0, 1), got {value}")
+    return value
+
+
 def nms_keep(boxes_xyxy, labels, iou_threshold: float):
     """Greedy class-wise NMS of detections sorted by descending score.
 
@@ -67,8 +75,7 @@ def postprocess(pred_logits, pred_boxes, orig_size, num_top: int = NUM_TOP,
                          f"{orig_size.shape}")
     if num_top > q * c:
         raise ValueError(f"num_top ({num_top}) exceeds queries * classes ({q} * {c})")
-    if not 0.0 <= nms_iou < 1.0:
-        raise ValueError(f"nms_iou: expected 0 (off) or an IoU in (0, 1), got {nms_iou}")
+    check_nms_iou(nms_iou)
     probs = jax.nn.sigmoid(pred_logits.astype(jnp.float32)).reshape(b, q * c)  # (B, Q*C)
     scores, flat = jax.lax.top_k(probs, num_top)  # (B, K)
     labels = (flat % c).astype(jnp.int32)

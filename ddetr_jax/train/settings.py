@@ -27,6 +27,7 @@ from ddetr_jax.data.transforms import TransformConfig
 from ddetr_jax.losses import LossConfig
 from ddetr_jax.matcher import MatchWeights
 from ddetr_jax.models import ModelConfig
+from ddetr_jax.postprocess import check_nms_iou
 from ddetr_jax.train.optimizer import OptimizerConfig
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -128,11 +129,7 @@ def data_settings(config) -> DataSettings:
 
 def eval_nms_iou(config) -> float:
     """config.eval_nms_iou, checked: 0 (no NMS) or an IoU in (0, 1)."""
-    value = float(config.get("eval_nms_iou", 0.0))
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"config.eval_nms_iou: expected 0 (off) or an IoU in (0, 1), "
-                         f"got {value}")
-    return value
+    return check_nms_iou(config.get("eval_nms_iou", 0.0), "config.eval_nms_iou")
 
 
 def check_devices(batch_size: int, num_devices: int, name: str) -> None:
