@@ -48,6 +48,17 @@ def _edge_locations(rng, shapes, n, lq, m, p):
     return loc
 
 
+def _grid_locations(step):
+    """Locations on multiples of `step` in [-2 step, 1 + 2 step]: over the level
+    sizes below many pixel coordinates loc * size - 0.5 are integers, where
+    bilinear interpolation has a kink and the location gradient must be
+    grid_sample's one-sided derivative (the corner floor() picks)."""
+    def make(rng, shapes, n, lq, m, p):
+        ticks = np.arange(-2, round(1 / step) + 3) * step
+        return rng.choice(ticks, size=(n, lq, m, len(shapes), p, 2)).astype(np.float32)
+    return make
+
+
 def _far_locations(rng, shapes, n, lq, m, p):
     """Half far outside the maps (both sides, huge values), half inside."""
     loc = rng.uniform(0, 1, size=(n, lq, m, len(shapes), p, 2))
@@ -61,6 +72,10 @@ CASES = {
     "height_or_width_one": (((1, 6), (7, 1), (1, 1)), 2, 4, 2, 3, 2, None),
     "pixel_centres_and_borders": (((4, 8), (2, 2), (1, 4)), 2, 6, 2, 3, 2, _edge_locations),
     "far_outside": (((5, 6), (3, 3)), 2, 5, 2, 3, 2, _far_locations),
+    "eighth_grid_odd_even_unit_sides": (((23, 31), (12, 16), (1, 7), (6, 1)), 2, 12, 2, 3, 3,
+                                        _grid_locations(1 / 8)),
+    "sixteenth_grid_odd_even_unit_sides": (((7, 5), (4, 8), (1, 1), (3, 2)), 2, 12, 2, 3, 3,
+                                           _grid_locations(1 / 16)),
 }
 
 

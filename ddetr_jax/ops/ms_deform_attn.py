@@ -22,9 +22,10 @@ How it is computed (shapes per level; K = P * 4 corners per query and head):
         at a time (lax.scan over P), so the largest update is 4x the output.
   Index and weight arrays are materialised once per level
   (lax.optimization_barrier) so the fused loops do not recompute them per
-  element of D. Sampling locations pass once through an exact identity dot and
-  the pixel coordinates are computed without a multiply feeding an add, so
-  every fusion floors the same coordinate the same way (see _materialised).
+  element of D. Pixel coordinates are rounded as grid_sample rounds them and
+  materialised once, so every fusion floors the same coordinate the same way
+  and the location gradient at integer pixel coordinates is grid_sample's
+  (see _pixel_coordinates).
 """
 
 from __future__ import annotations
@@ -89,23 +90,31 @@ def _compute_dtype(*arrays):
     return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
 
 
-def _materialised(loc):
-    """loc, clipped to [-2, 3] and computed once into a buffer every consumer reads.
+def _pixel_coordinates(loc, height: int, width: int):
+    """Pixel coordinates (x, y) of normalised locations, rounded as grid_sample rounds them.
 
-    XLA copies cheap elementwise producers into each fusion that consumes
-    them, and LLVM may contract a * b + c into an FMA in one copy and not in
-    another. For sampling locations that are (nearly) integer pixel
-    coordinates, as at initialisation (pixel centres plus integer offsets),
-    two copies can then floor differently: the corner rows come from one and
-    the bilinear weights from the other, sampling wrong pixels (seen on CPU
-    with AVX2). A dot is never copied into its consumers, so the locations
-    pass through an exact one (times the identity). Clipping first keeps the
-    dot finite and changes nothing: beyond [-1, 2] every corner is off the
-    map, for any map size.
+    loc: (..., 2) normalised (x, y) -> x, y: (...). grid_sample
+    (align_corners=False) unnormalises the grid g = 2 * loc - 1 as
+    (g + 1) * (size / 2) - 0.5; the same operations in the same order give the
+    same float32 coordinate, so a location on a pixel centre or an integer
+    offset from one (as at initialisation) floors to the same corner, and the
+    location gradient is the same one-sided derivative.
+
+    FMA safety: XLA copies cheap elementwise producers into every fusion that
+    consumes them, and LLVM may contract a * b + c into an FMA in one copy and
+    not in another, so two copies could floor differently (corner rows from
+    one, bilinear weights from the other: wrong pixels, seen on CPU with AVX2).
+    Here the only multiply that feeds an add is 2 * loc, which is exact; the
+    scaled grid is materialised (an optimization barrier) before the - 0.5, so
+    every consumer reads one rounding of it. Clipping first keeps the
+    coordinates finite and changes nothing: beyond [-1, 2] every corner is off
+    the map, for any map size.
     """
     loc = jnp.clip(loc, -2.0, 3.0)
-    eye = jnp.eye(loc.shape[-1], dtype=loc.dtype)
-    return jnp.einsum("...i,ij->...j", loc, eye, precision=jax.lax.Precision.HIGHEST)
+    grid = loc * 2 - 1
+    half_size = jnp.asarray([width / 2, height / 2], loc.dtype)
+    scaled = jax.lax.optimization_barrier((grid + 1) * half_size)
+    return scaled[..., 0] - 0.5, scaled[..., 1] - 0.5
 
 
 def _level_corners(loc, height: int, width: int, start: int, num_tokens: int):
@@ -120,11 +129,7 @@ def _level_corners(loc, height: int, width: int, start: int, num_tokens: int):
     """
     n, _, m = loc.shape[:3]
     loc = loc.astype(_compute_dtype(loc))
-    loc = _materialised(loc)
-    # Pixel coordinates loc * size - 0.5 (align_corners=False), written so that
-    # no multiply feeds an add: FMA contraction cannot make copies disagree.
-    x = (loc[..., 0] - 0.5 / width) * width  # (N, Lq, M, P)
-    y = (loc[..., 1] - 0.5 / height) * height
+    x, y = _pixel_coordinates(loc, height, width)  # (N, Lq, M, P)
     x0 = jnp.floor(x)
     y0 = jnp.floor(y)
     fx = x - x0
