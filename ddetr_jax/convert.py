@@ -8,10 +8,12 @@ Two steps, each a table of key patterns:
      transforms (Linear weights transposed, conv weights OIHW -> HWIO, the
      fused attention in_proj split into q/k/v).
 The variant (levels, refinement, two-stage, classes, depths, widths) is
-inferred from the keys; a model config that contradicts the checkpoint is
-refused with every mismatching key and shape listed at once.
+inferred from the keys, and what they cannot tell (dilation, heads, points,
+queries) from the 'args' of the authors' main.py checkpoints; a model config
+that contradicts the checkpoint is refused with every mismatching key and
+shape listed at once.
 
-    python -m ddetr_jax.convert SRC.pth DEST_DIR [--num_queries 300 ...]
+    python -m ddetr_jax.convert SRC.pth DEST_DIR [--dilation --num_queries 300 ...]
 """
 
 from __future__ import annotations
@@ -241,64 +243,132 @@ def _unflatten_into(tree, flat: Mapping[str, Any], prefix=""):
     return flat[prefix[:-1]]
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A .pth / .bin (torch, weights_only) or .safetensors file -> {key: numpy array}."""
+# The authors' main.py arguments (the 'args' Namespace of their checkpoints)
+# -> ModelConfig fields; 'backbone' ("resnet50") gives backbone_depth.
+AUTHORS_ARGS = {
+    "dilation": "dilation", "nheads": "heads", "enc_n_points": "enc_points",
+    "dec_n_points": "dec_points", "num_queries": "num_queries",
+    "num_feature_levels": "num_feature_levels", "enc_layers": "enc_layers",
+    "dec_layers": "dec_layers", "dim_feedforward": "ffn_dim", "hidden_dim": "dim",
+    "dropout": "dropout", "with_box_refine": "with_box_refine", "two_stage": "two_stage",
+}
+
+
+def config_from_args(args: Mapping[str, Any]) -> dict:
+    """ModelConfig values from the authors' main.py arguments (vars of the Namespace)."""
+    config = {field: args[name] for name, field in AUTHORS_ARGS.items() if name in args}
+    match = re.fullmatch(r"resnet(\d+)", str(args.get("backbone", "")))
+    if match:
+        config["backbone_depth"] = int(match[1])
+    return config
+
+
+def _torch_load_reason(err: Exception) -> str:
+    """torch.load's error without its advice to load with weights_only=False."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    kept = [line for line in lines if line and not any(
+        word in line for word in ("weights_only", "torch.load", "file an issue"))]
+    return " ".join(kept) or type(err).__name__
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
+    """A .pth / .bin / .safetensors file -> ({key: numpy array}, the authors' args or None).
+
+    .pth / .bin are read weights-only: tensors, plain containers and
+    argparse.Namespace (the 'args' of the authors' main.py checkpoints); any
+    other global is refused before it can run. A dict with 'model' is the
+    authors' training checkpoint: its 'optimizer', 'lr_scheduler' and 'epoch'
+    are ignored, its 'args' returned as a dict.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint: {path} does not exist")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
-        return dict(load_file(path))
+        return dict(load_file(path)), None
     import torch  # only the .pth reader needs torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointMismatch(f"checkpoint: cannot read {path} as a PyTorch file: {err}") \
-            from err
+        raise CheckpointMismatch(
+            f"checkpoint: cannot read {path} as a PyTorch weights file (read weights-only: "
+            f"tensors, containers and argparse.Namespace): {_torch_load_reason(err)}") from err
+    args = None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        args = vars(obj["args"]) if isinstance(obj.get("args"), argparse.Namespace) else None
         obj = obj["model"]
     if not isinstance(obj, dict):
         raise CheckpointMismatch(f"checkpoint: {path} holds a {type(obj).__name__}, "
                                  "expected a state dict or a dict with 'model'")
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in obj.items() if hasattr(v, "numpy")}
+            for k, v in obj.items() if hasattr(v, "numpy")}, args
 
 
-def load_torch_checkpoint(path_or_state_dict, **model_overrides):
+# The authors' argument behind each ModelConfig field that config_from_args sets.
+_ARG_OF_FIELD = {field: name for name, field in AUTHORS_ARGS.items()} | {
+    "backbone_depth": "backbone"}
+
+
+def _model_config(inferred: dict, from_args: dict, overrides: Mapping[str, Any],
+                  defaults: Mapping[str, Any]):
+    """(ModelConfig, {field: (args value, override)}).
+
+    Precedence: the caller's overrides, then what the weights (inferred) and
+    the authors' args say, then `defaults`, then ModelConfig's own defaults.
+    Raises CheckpointMismatch listing every contradiction between the weights
+    and the args or the overrides, and every unknown field.
+    """
+    problems = [f"args.{_ARG_OF_FIELD[f]}: {v!r}, but the weights have config.{f} = "
+                f"{inferred[f]!r}" for f, v in sorted(from_args.items())
+                if f in inferred and inferred[f] != v]
+    problems += [f"config.{k}: checkpoint has {inferred[k]!r}, requested {v!r}"
+                 for k, v in overrides.items() if k in inferred and inferred[k] != v]
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    problems += [f"config.{k}: not a ModelConfig field"
+                 for k in sorted((set(overrides) | set(defaults)) - fields)]
+    if problems:
+        raise CheckpointMismatch("checkpoint does not match the model config:\n  "
+                                 + "\n  ".join(problems))
+    overridden = {k: (from_args[k], v) for k, v in overrides.items()
+                  if k in from_args and from_args[k] != v}
+    return ModelConfig(**{**defaults, **inferred, **from_args, **overrides}), overridden
+
+
+def load_torch_checkpoint(path_or_state_dict, defaults: Mapping[str, Any] | None = None,
+                          **model_overrides):
     """Converts an authors' or HuggingFace checkpoint into a DeformableDETR.
 
     path_or_state_dict: a .pth / .bin / .safetensors path, or a state dict of
-    torch tensors or numpy arrays. model_overrides: ModelConfig fields, used
-    where the checkpoint does not determine them (dilation, heads, points,
-    num_queries for two-stage, dropout) or to insist on a value (refused if the
-    checkpoint contradicts it).
+    torch tensors or numpy arrays. The variant comes from the keys and shapes
+    and, in the authors' main.py checkpoints, from their 'args' (dilation,
+    heads, points, num_queries, ...); args that contradict the weights are
+    refused. defaults: ModelConfig fields used only where neither tells.
+    model_overrides: ModelConfig fields that win over the args (reported in
+    info['overridden']) and insist on a value (refused if the weights
+    contradict it).
 
     Returns (model, info) with info = {'layout', 'config', 'inferred',
-    'unused_keys'}.
+    'from_args', 'overridden': {field: (args value, override)}, 'unused_keys'}.
     """
+    args = None
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        raw = read_state_dict(os.fspath(path_or_state_dict))
+        raw, args = read_checkpoint(os.fspath(path_or_state_dict))
     else:
         raw = {k: np.asarray(v.detach().cpu().float().numpy() if hasattr(v, "detach") else v)
                for k, v in path_or_state_dict.items()}
     layout = detect_layout(raw)
     sd = to_authors_layout(raw) if layout == "huggingface" else dict(raw)
     inferred = infer_config(sd)
-    problems = [f"config.{k}: checkpoint has {inferred[k]!r}, requested {v!r}"
-                for k, v in model_overrides.items() if k in inferred and inferred[k] != v]
-    unknown = set(model_overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
-    problems += [f"config.{k}: not a ModelConfig field" for k in sorted(unknown)]
-    config = ModelConfig(**{**inferred, **{k: v for k, v in model_overrides.items()
-                                           if k not in unknown}})
-    if problems:
-        raise CheckpointMismatch("checkpoint does not match the model config:\n  "
-                                 + "\n  ".join(problems))
+    from_args = config_from_args(args) if args is not None else {}
+    config, overridden = _model_config(inferred, from_args, model_overrides, defaults or {})
     weights, unused, problems = to_jax_names(sd, config)
     model = DeformableDETR(config, rngs=nnx.Rngs(0))
     state = nnx.state(model, WEIGHTS)
     _check_and_fill(state, weights, problems)
     nnx.update(model, state)
-    info = {"layout": layout, "config": config, "inferred": inferred, "unused_keys": unused}
+    info = {"layout": layout, "config": config, "inferred": inferred, "from_args": from_args,
+            "overridden": overridden, "unused_keys": unused}
     return model, info
 
 
@@ -334,7 +404,7 @@ def load_backbone_weights(model: DeformableDETR, path_or_state_dict) -> list[str
     Returns the ignored keys; any mismatch raises CheckpointMismatch.
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        raw = read_state_dict(os.fspath(path_or_state_dict))
+        raw, _ = read_checkpoint(os.fspath(path_or_state_dict))
     else:
         raw = {k: np.asarray(v) for k, v in path_or_state_dict.items()}
     sd = {f"backbone.0.body.{k}": v for k, v in raw.items() if not k.startswith("fc.")}
@@ -387,17 +457,23 @@ def _restore_int_keys(template, restored):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="authors' .pth, HF pytorch_model.bin or .safetensors")
-    parser.add_argument("dest", help="output directory")
-    parser.add_argument("--dilation", action="store_true", help="DC5 checkpoint")
-    parser.add_argument("--num_queries", type=int)
-    parser.add_argument("--heads", type=int)
-    parser.add_argument("--enc_points", type=int)
-    parser.add_argument("--dec_points", type=int)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="The flags are needed only for a bare state dict or HF weights: the authors' "
+               "main.py checkpoints carry these settings in their 'args'; a flag given wins "
+               "over the args and is reported.")
+    parser.add_argument("src", help="authors' .pth (main.py checkpoint or bare state dict), HF "
+                                    "pytorch_model.bin or model.safetensors")
+    parser.add_argument("dest", help="output directory (orbax state/ and model_config.json)")
+    parser.add_argument("--dilation", action="store_true", default=None,
+                        help="DC5 checkpoint (dilated last ResNet stage); default: off")
+    parser.add_argument("--num_queries", type=int,
+                        help="object queries of a two-stage checkpoint; default: 300")
+    parser.add_argument("--heads", type=int, help="attention heads; default: 8")
+    parser.add_argument("--enc_points", type=int, help="encoder sampling points; default: 4")
+    parser.add_argument("--dec_points", type=int, help="decoder sampling points; default: 4")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("src", "dest") and v not in (None, False)}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("src", "dest") and v is not None}
     try:
         model, info = load_torch_checkpoint(args.src, **overrides)
     except (CheckpointMismatch, FileNotFoundError) as err:
@@ -405,6 +481,10 @@ def main(argv=None):
         return 2
     save_converted(model, info["config"], args.dest)
     print(f"layout: {info['layout']}\nconfig: {info['config']}")
+    if info["from_args"]:
+        print(f"from the checkpoint's args: {info['from_args']}")
+    for field, (from_args, override) in info["overridden"].items():
+        print(f"override: {field} = {override!r} (the checkpoint's args say {from_args!r})")
     if info["unused_keys"]:
         print(f"unused keys ({len(info['unused_keys'])}): {info['unused_keys']}")
     print(f"wrote {args.dest}")

@@ -43,7 +43,7 @@ def _is_converted_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model_config.json"))
 
 
-def _load_converted_dir(path: str, **model_overrides):
+def _load_converted_dir(path: str, defaults=None, **model_overrides):
     if model_overrides:
         raise ValueError(f"{path}: a converted checkpoint fixes its model config; "
                          f"model overrides {sorted(model_overrides)} are not accepted")
@@ -59,16 +59,16 @@ def _hf_weight_file(path: str) -> str | None:
     return found[0] if found else None
 
 
-def _load_hf_dir(path: str, **model_overrides):
-    return load_torch_checkpoint(_hf_weight_file(path), **model_overrides)[0]
+def _load_hf_dir(path: str, defaults=None, **model_overrides):
+    return load_torch_checkpoint(_hf_weight_file(path), defaults, **model_overrides)[0]
 
 
 def _is_torch_file(path: str) -> bool:
     return os.path.isfile(path) and path.endswith(TORCH_SUFFIXES)
 
 
-def _load_torch_file(path: str, **model_overrides):
-    return load_torch_checkpoint(path, **model_overrides)[0]
+def _load_torch_file(path: str, defaults=None, **model_overrides):
+    return load_torch_checkpoint(path, defaults, **model_overrides)[0]
 
 
 def _is_training_workdir(path: str) -> bool:
@@ -76,7 +76,7 @@ def _is_training_workdir(path: str) -> bool:
     return split_workdir_path(path) is not None
 
 
-def _load_training_workdir(path: str, **model_overrides):
+def _load_training_workdir(path: str, defaults=None, **model_overrides):
     from ddetr_jax.train.workdir import load_workdir_model
     if model_overrides:
         raise ValueError(f"{path}: a training workdir fixes its model config (config.json); "
@@ -84,8 +84,9 @@ def _load_training_workdir(path: str, **model_overrides):
     return load_workdir_model(path)[0]
 
 
-# (what it is, does `path` look like one, loader(path, **model_overrides) -> model);
-# the first match loads.
+# (what it is, does `path` look like one, loader(path, defaults, **model_overrides) -> model);
+# the first match loads. Converted checkpoints and workdirs fix their config and ignore
+# defaults.
 CHECKPOINT_KINDS = (
     ("a training workdir (config.json and checkpoints/, from train.py: its latest "
      "checkpoint) or one of its checkpoints/STEP folders", _is_training_workdir,
@@ -99,18 +100,19 @@ CHECKPOINT_KINDS = (
 )
 
 
-def load_model(path, **model_overrides) -> DeformableDETR:
+def load_model(path, defaults=None, **model_overrides) -> DeformableDETR:
     """A DeformableDETR from any checkpoint kind in CHECKPOINT_KINDS.
 
-    model_overrides: ModelConfig fields the weights cannot tell (dilation,
-    heads, points, num_queries for two-stage); PyTorch checkpoints only.
+    PyTorch checkpoints only: defaults are ModelConfig fields used where
+    neither the weights nor the authors' args tell (dilation, heads, points,
+    num_queries for two-stage); model_overrides win over the args.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint: {path} does not exist")
     for _, matches, load in CHECKPOINT_KINDS:
         if matches(path):
-            return load(path, **model_overrides)
+            return load(path, defaults, **model_overrides)
     kinds = "\n  ".join(kind for kind, _, _ in CHECKPOINT_KINDS)
     raise CheckpointMismatch(f"checkpoint: {path} is none of the kinds this package reads:"
                              f"\n  {kinds}")

@@ -6,6 +6,9 @@ depth is reduced to 2 + 2 layers to keep CI fast; every code path (aux
 outputs, refinement from layer 1 on, two-stage) is still taken.
 """
 
+import argparse
+import copy
+import os
 
 import jax
 import numpy as np
@@ -14,7 +17,8 @@ import torch
 from flax import nnx
 from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
-from ddetr_jax.convert import CheckpointMismatch, load_converted, load_torch_checkpoint
+from ddetr_jax.convert import (WEIGHTS, CheckpointMismatch, load_converted, load_torch_checkpoint,
+                               main)
 
 HEIGHT, WIDTH = 96, 128
 VARIANTS = {
@@ -167,7 +171,6 @@ def test_shared_heads_in_authors_layout_and_round_trip_through_cli(batch, tmp_pa
     state = authors_layout(hf.state_dict(), refine=False, num_pred=2)
     src = tmp_path / "bare_state_dict.pth"
     torch.save(state, src)
-    from ddetr_jax.convert import main
     assert main([str(src), str(tmp_path / "converted")]) == 0
     model, config = load_converted(str(tmp_path / "converted"))
     assert config.num_feature_levels == 4 and not config.with_box_refine
@@ -244,3 +247,128 @@ def test_safetensors_file_and_old_hf_key_names(batch, tmp_path):
     torch.save(old, tmp_path / "pytorch_model.bin")
     model, _ = load_torch_checkpoint(str(tmp_path / "pytorch_model.bin"))
     np.testing.assert_allclose(run_jax(model, images, pad_mask)[0], hf_logits, atol=1e-4, rtol=0)
+
+
+def authors_args(**changes) -> argparse.Namespace:
+    """The 'args' of an authors' main.py checkpoint (their argument names) for build_hf's
+    2 + 2-layer multi-scale model."""
+    args = dict(lr=2e-4, lr_backbone=2e-5, batch_size=2, weight_decay=1e-4, epochs=50,
+                lr_drop=40, clip_max_norm=0.1, with_box_refine=False, two_stage=False,
+                backbone="resnet50", dilation=False, position_embedding="sine",
+                num_feature_levels=4, enc_layers=2, dec_layers=2, dim_feedforward=1024,
+                hidden_dim=256, dropout=0.1, nheads=8, num_queries=30, dec_n_points=4,
+                enc_n_points=4, masks=False, aux_loss=True, focal_alpha=0.25,
+                dataset_file="coco", coco_path="./data/coco", output_dir="exps/r50")
+    return argparse.Namespace(**{**args, **changes})
+
+
+def save_main_py_checkpoint(hf, state: dict, args: argparse.Namespace, path) -> None:
+    """What the authors' main.py writes: model, a real AdamW and StepLR state, epoch, args.
+    The optimizer steps a copy of hf, so `state` keeps the weights it was given."""
+    trained = copy.deepcopy(hf)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    sum((p ** 2).sum() for p in trained.parameters()).backward()
+    optimizer.step()
+    scheduler.step()
+    torch.save({"model": state, "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler.state_dict(), "epoch": 49, "args": args}, path)
+
+
+def _weights(model) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, WEIGHTS))
+
+
+def _assert_same_weights(a, b):
+    jax.tree.map(np.testing.assert_array_equal, _weights(a), _weights(b))
+
+
+def test_authors_main_py_checkpoint_converts_to_its_bare_state_dicts_weights(tmp_path):
+    hf = build_hf("multi_scale", seed=4)
+    state = authors_layout(hf.state_dict(), refine=False, num_pred=2)
+    bare, _ = load_torch_checkpoint(state)
+    path = tmp_path / "checkpoint0049.pth"
+    save_main_py_checkpoint(hf, state, authors_args(), path)
+    model, info = load_torch_checkpoint(str(path))
+    _assert_same_weights(model, bare)
+    assert info["config"] == bare.config
+    assert info["from_args"]["heads"] == 8 and info["overridden"] == {}
+    assert main([str(path), str(tmp_path / "converted")]) == 0
+    converted, config = load_converted(str(tmp_path / "converted"))
+    _assert_same_weights(converted, bare)
+    assert config == bare.config
+
+
+def test_dc5_and_two_stage_settings_come_from_the_args(batch, tmp_path):
+    hf = build_hf("single_scale", seed=5)
+    state = authors_layout(hf.state_dict(), refine=False, num_pred=2)
+    save_main_py_checkpoint(hf, state, authors_args(num_feature_levels=1, dilation=True),
+                            tmp_path / "dc5.pth")
+    model, info = load_torch_checkpoint(str(tmp_path / "dc5.pth"))
+    assert info["config"].dilation and info["config"].num_feature_levels == 1
+    _assert_same_weights(model, load_torch_checkpoint(state, dilation=True)[0])
+
+    hf = build_hf("two_stage", seed=6)
+    images, pad_mask = batch
+    hf_logits, hf_boxes = run_hf(hf, images, pad_mask)
+    state = authors_layout(hf.state_dict(), refine=True, num_pred=3)
+    save_main_py_checkpoint(hf, state, authors_args(with_box_refine=True, two_stage=True),
+                            tmp_path / "two_stage.pth")
+    assert main([str(tmp_path / "two_stage.pth"), str(tmp_path / "converted")]) == 0
+    model, config = load_converted(str(tmp_path / "converted"))
+    assert config.two_stage and config.num_queries == 30
+    logits, boxes, _ = run_jax(model, images, pad_mask)
+    np.testing.assert_allclose(logits, hf_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(boxes, hf_boxes, atol=1e-4, rtol=0)
+
+
+def test_args_that_contradict_the_weights_are_all_listed(tmp_path):
+    hf = build_hf("multi_scale", seed=4)
+    state = authors_layout(hf.state_dict(), refine=False, num_pred=2)
+    path = tmp_path / "checkpoint.pth"
+    save_main_py_checkpoint(hf, state, authors_args(num_feature_levels=3, enc_layers=6,
+                                                    backbone="resnet101"), path)
+    with pytest.raises(CheckpointMismatch) as err:
+        load_torch_checkpoint(str(path))
+    message = str(err.value)
+    for field in ("num_feature_levels", "enc_layers", "backbone"):
+        assert f"args.{field}" in message, field
+
+
+def test_an_override_wins_over_the_args_and_is_reported(tmp_path, capsys):
+    hf = build_hf("single_scale", seed=5)
+    state = authors_layout(hf.state_dict(), refine=False, num_pred=2)
+    path = tmp_path / "checkpoint.pth"
+    save_main_py_checkpoint(hf, state, authors_args(num_feature_levels=1, nheads=8), path)
+    # 4 heads of 8 points have the shapes of 8 heads of 4 points.
+    model, info = load_torch_checkpoint(str(path), heads=4, enc_points=8, dec_points=8)
+    assert model.config.heads == 4 and model.config.enc_points == 8
+    assert info["overridden"] == {"heads": (8, 4), "enc_points": (4, 8), "dec_points": (4, 8)}
+    assert main([str(path), str(tmp_path / "converted"), "--heads", "4", "--enc_points", "8",
+                 "--dec_points", "8"]) == 0
+    assert "override: heads = 4 (the checkpoint's args say 8)" in capsys.readouterr().out
+
+
+class _Payload:
+    """Unpickling this runs `touch marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("beside_args", [False, True], ids=["alone", "beside_a_namespace"])
+def test_a_pickled_payload_is_refused_before_it_runs(tmp_path, beside_args):
+    marker = tmp_path / "ran"
+    checkpoint = {"model": {"transformer.level_embed": torch.zeros(4, 256)},
+                  "payload": _Payload(marker)}
+    if beside_args:
+        checkpoint["args"] = authors_args()
+    torch.save(checkpoint, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointMismatch, match="cannot read .*evil.pth") as err:
+        load_torch_checkpoint(str(tmp_path / "evil.pth"))
+    assert not marker.exists()
+    assert "system" in str(err.value) and "weights_only=False" not in str(err.value)

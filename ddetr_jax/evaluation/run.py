@@ -33,7 +33,8 @@ from ddetr_jax.train.workdir import load_workdir_model, split_workdir_path
 
 # Fields that do not change what a trained model computes at evaluation.
 IGNORED_FIELDS = ("dropout",)
-# What PyTorch weights cannot tell; taken from the config when converting them.
+# What PyTorch weights cannot tell; taken from the config when converting weights
+# without the authors' args (args that disagree with the config are listed below).
 TORCH_OVERRIDES = ("dilation", "heads", "enc_points", "dec_points", "num_queries")
 
 
@@ -44,12 +45,8 @@ def load_for_config(checkpoint, expected: ModelConfig, which: str = "latest"):
     if split_workdir_path(checkpoint) is not None:
         model, info = load_workdir_model(checkpoint, which)
         step = info["step"]
-    elif str(checkpoint).endswith((".pth", ".pt", ".bin", ".safetensors")) or (
-            pathlib.Path(checkpoint).is_dir()
-            and not (pathlib.Path(checkpoint) / "model_config.json").exists()):
-        model = load_model(checkpoint, **{k: getattr(expected, k) for k in TORCH_OVERRIDES})
     else:
-        model = load_model(checkpoint)
+        model = load_model(checkpoint, {k: getattr(expected, k) for k in TORCH_OVERRIDES})
     got = model.config
     diffs = [f"model.{f.name}: checkpoint {getattr(got, f.name)!r}, config "
              f"{getattr(expected, f.name)!r}" for f in dataclasses.fields(ModelConfig)
