@@ -104,13 +104,17 @@ def _pixel_coordinates(loc, height: int, width: int):
     consumes them, and LLVM may contract a * b + c into an FMA in one copy and
     not in another, so two copies could floor differently (corner rows from
     one, bilinear weights from the other: wrong pixels, seen on CPU with AVX2).
-    Here the only multiply that feeds an add is 2 * loc, which is exact; the
+    The locations pass once through an exact identity dot (a dot is never
+    copied into its consumers), the only multiply that feeds an add is
+    2 * loc, which is exact; the
     scaled grid is materialised (an optimization barrier) before the - 0.5, so
     every consumer reads one rounding of it. Clipping first keeps the
     coordinates finite and changes nothing: beyond [-1, 2] every corner is off
     the map, for any map size.
     """
     loc = jnp.clip(loc, -2.0, 3.0)
+    eye = jnp.eye(loc.shape[-1], dtype=loc.dtype)  # an exact dot: one copy of loc for all
+    loc = jnp.einsum("...i,ij->...j", loc, eye, precision=jax.lax.Precision.HIGHEST)
     grid = loc * 2 - 1
     half_size = jnp.asarray([width / 2, height / 2], loc.dtype)
     scaled = jax.lax.optimization_barrier((grid + 1) * half_size)
