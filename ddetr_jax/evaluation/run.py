@@ -35,7 +35,7 @@ from ddetr_jax.train.workdir import load_workdir_model, split_workdir_path
 IGNORED_FIELDS = ("dropout",)
 # What PyTorch weights cannot tell; taken from the config when converting weights
 # without the authors' args (args that disagree with the config are listed below).
-TORCH_OVERRIDES = ("dilation", "heads", "enc_points", "dec_points", "num_queries")
+TORCH_DEFAULTS = ("dilation", "heads", "enc_points", "dec_points", "num_queries")
 
 
 def load_for_config(checkpoint, expected: ModelConfig, which: str = "latest"):
@@ -46,7 +46,7 @@ def load_for_config(checkpoint, expected: ModelConfig, which: str = "latest"):
         model, info = load_workdir_model(checkpoint, which)
         step = info["step"]
     else:
-        model = load_model(checkpoint, {k: getattr(expected, k) for k in TORCH_OVERRIDES})
+        model = load_model(checkpoint, {k: getattr(expected, k) for k in TORCH_DEFAULTS})
     got = model.config
     diffs = [f"model.{f.name}: checkpoint {getattr(got, f.name)!r}, config "
              f"{getattr(expected, f.name)!r}" for f in dataclasses.fields(ModelConfig)
