@@ -104,6 +104,34 @@ AUTHORS_TO_JAX = [
 ]
 
 
+# Per-layer module paths -> the model's stacked ones (models/stack.py): row i
+# of 'encoder.layers.x' is 'encoder.layers.i.x'; the same for the decoder and,
+# with box refinement, the per-layer heads.
+PER_LAYER = re.compile(r"^((?:encoder|decoder)\.layers|class_embed|bbox_embed)\.(\d+)\.(.+)$")
+
+
+def stack_layers(weights: Mapping[str, np.ndarray], problems: list[str]) -> dict:
+    """{per-layer path: array} -> {stacked path: (layers, ...) array}; a layer
+    missing in the middle or layers of different shapes are problems."""
+    stacked, rows = {}, {}
+    for path, value in weights.items():
+        match = PER_LAYER.match(path)
+        if match is None:
+            stacked[path] = value
+        else:
+            rows.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = value
+    for path, by_index in rows.items():
+        missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
+        shapes = sorted({tuple(v.shape) for v in by_index.values()})
+        if missing:
+            problems.append(f"{path}: layers {missing} missing from the checkpoint")
+        elif len(shapes) > 1:
+            problems.append(f"{path}: its layers have different shapes {shapes}")
+        else:
+            stacked[path] = np.stack([by_index[i] for i in range(len(by_index))])
+    return stacked
+
+
 class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the requested model; lists every problem."""
 
@@ -363,6 +391,7 @@ def load_torch_checkpoint(path_or_state_dict, defaults: Mapping[str, Any] | None
     from_args = config_from_args(args) if args is not None else {}
     config, overridden = _model_config(inferred, from_args, model_overrides, defaults or {})
     weights, unused, problems = to_jax_names(sd, config)
+    weights = stack_layers(weights, problems)
     model = DeformableDETR(config, rngs=nnx.Rngs(0))
     state = nnx.state(model, WEIGHTS)
     _check_and_fill(state, weights, problems)

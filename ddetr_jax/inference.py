@@ -192,12 +192,11 @@ def _detect(graphdef, state, pixels, pad_mask, orig_size, *, num_top, nms_iou, l
         out = model(pixels, pad_mask)
         return postprocess(out["pred_logits"], out["pred_boxes"], orig_size, num_top,
                            nms_iou), None
-    capture = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
-    out, intermediates = capture(pixels, pad_mask)
-    sampled = intermediates["decoder"]["layers"][layer]["cross_attn"]["sample"]
-    _, locations, weights = sampled.get_value()[0]  # the one call of MSDeformAttn.sample
+    out = model(pixels, pad_mask, with_attention=True)
+    attention = out["decoder_attention"]
     return postprocess(out["pred_logits"], out["pred_boxes"], orig_size, num_top, nms_iou), {
-        "locations": locations, "weights": weights}
+        "locations": attention["sampling_locations"][layer],
+        "weights": attention["attention_weights"][layer]}
 
 
 class Detector:

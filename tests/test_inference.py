@@ -188,8 +188,8 @@ def test_attention_points_land_on_the_reference_in_original_pixels(model):
     """With the layer-0 sampling offsets zeroed, every sampling point is the query's
     reference point: (sigmoid of the reference head) times the original image size."""
     zeroed = nnx.clone(model)
-    bias = zeroed.decoder.layers[0].cross_attn.sampling_offsets.bias
-    bias[...] = bias[...] * 0
+    bias = zeroed.decoder.layers.cross_attn.sampling_offsets.bias  # (dec_layers, ...) stacked
+    bias[...] = bias[...].at[0].set(0)
     detector = Detector(zeroed, NAMES, **SIZES)
     image = random_image(256, 384, seed=7)  # -> (128, 192): every level's valid ratio is exact
     attention = detector.attention(image, layer=0, query=3)

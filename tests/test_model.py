@@ -70,12 +70,13 @@ def test_dropout_is_active_only_in_training():
 
 def test_published_initialisation():
     model = DeformableDETR(ModelConfig(**TINY, with_box_refine=True), rngs=nnx.Rngs(0))
-    bias = np.asarray(model.bbox_embed[0].layers[2].bias[...])
-    np.testing.assert_array_equal(bias, [0, 0, -2, -2])
-    np.testing.assert_array_equal(model.bbox_embed[1].layers[2].bias[...], 0)
-    np.testing.assert_allclose(model.class_embed[0].bias[...], -np.log(99), rtol=1e-6)
-    np.testing.assert_array_equal(model.class_embed[0].kernel[...], model.class_embed[1].kernel[...])
-    attn = model.encoder.layers[0].self_attn
+    bias = np.asarray(model.bbox_embed.layers[2].bias[...])  # (dec_layers, 4): stacked heads
+    np.testing.assert_array_equal(bias[0], [0, 0, -2, -2])
+    np.testing.assert_array_equal(bias[1], 0)
+    np.testing.assert_allclose(model.class_embed.bias[...][0], -np.log(99), rtol=1e-6)
+    kernel = model.class_embed.kernel[...]
+    np.testing.assert_array_equal(kernel[0], kernel[1])
+    attn = model.encoder.layer(0).self_attn
     assert not np.any(attn.sampling_offsets.kernel[...])
     grid = sampling_offset_bias(8, 4, 4).reshape(8, 4, 4, 2)
     np.testing.assert_allclose(grid[0, 0, :, 0], [1, 2, 3, 4])  # heading 0: along +x
@@ -136,7 +137,7 @@ def test_encoder_sampling_at_initialisation_matches_the_numpy_oracle():
         pos = jnp.concatenate([p.reshape(1, -1, 64) for p in positions], 1)
         mask = jnp.concatenate([m.reshape(1, -1) for m in masks], 1)
         ref = encoder_reference_points(shapes, valid_ratios(masks))
-        attn = model.encoder.layers[0].self_attn
+        attn = model.encoder.layer(0).self_attn
         out, locations, weights = attn.sample(src + pos, ref, src, shapes, mask)
         value = jnp.where(mask[..., None], 0, attn.value_proj(src)).reshape(1, -1, 4, 16)
         return attn.output_proj.kernel[...], out - attn.output_proj.bias[...], value, \

@@ -11,6 +11,14 @@ Output contract of `DeformableDETR.__call__` (B images, Q queries, C classes):
   'aux_outputs': list of {'pred_logits', 'pred_boxes'}, one per earlier layer
   'enc_outputs': two-stage only, {'pred_logits': (B, S, C), 'pred_boxes':
                  (B, S, 4)}: the encoder proposals scored by the last heads
+  'decoder_attention': with_attention=True only, {'sampling_locations':
+                 (layers, B, Q, M, L, P, 2), 'attention_weights': (layers, B, Q,
+                 M, L, P)}: where every decoder layer's cross-attention looked
+
+With box refinement the per-layer heads are stacks (models/stack.py): one
+module whose weights have a leading axis of dec_layers (+ 1 with two-stage,
+the last scoring the encoder proposals); `stack.layer(model.class_embed, i)`
+is head i.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ddetr_jax.models import stack
 from ddetr_jax.models.attention import linear
 from ddetr_jax.models.backbone import ResNet, resize_mask
 from ddetr_jax.models.position import box_sine_embedding, sine_position_embedding
-from ddetr_jax.models.transformer import (Decoder, Encoder, encoder_proposals, inverse_sigmoid,
-                                          layer_norm, valid_ratios)
+from ddetr_jax.models.transformer import (Decoder, Encoder, encoder_proposals, layer_norm,
+                                          valid_ratios)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,21 +147,16 @@ class DeformableDETR(nnx.Module):
         if c.with_box_refine:
             # Clones with identical initial weights, as the authors' _get_clones.
             count = c.dec_layers + (1 if c.two_stage else 0)
-            self.class_embed = nnx.List([nnx.clone(class_head) for _ in range(count)])
-            self.bbox_embed = nnx.List([nnx.clone(box_head) for _ in range(count)])
+            self.class_embed = stack.stack_modules([nnx.clone(class_head) for _ in range(count)])
+            self.bbox_embed = stack.stack_modules([nnx.clone(box_head) for _ in range(count)])
             if not c.two_stage:
-                bias = self.bbox_embed[0].layers[2].bias
-                bias[...] = bias[...].at[2:].set(-2.0)
+                bias = self.bbox_embed.layers[2].bias  # (count, 4)
+                bias[...] = bias[...].at[0, 2:].set(-2.0)
         else:
             self.class_embed = class_head
             self.bbox_embed = box_head
             bias = box_head.layers[2].bias
             bias[...] = bias[...].at[2:].set(-2.0)
-
-    def _heads(self, layer: int):
-        if self.config.with_box_refine:
-            return self.class_embed[layer], self.bbox_embed[layer]
-        return self.class_embed, self.bbox_embed
 
     def features(self, images, pad_mask):
         """Multi-level inputs of the encoder.
@@ -174,10 +178,13 @@ class DeformableDETR(nnx.Module):
         positions = [sine_position_embedding(m, self.config.dim // 2) for m in masks]
         return sources, masks, positions
 
-    def __call__(self, images, pad_mask, *, deterministic: bool = True):
+    def __call__(self, images, pad_mask, *, deterministic: bool = True, remat: str = "none",
+                 with_attention: bool = False):
         """images: (B, H, W, 3) normalised; pad_mask: (B, H, W) True on padding.
 
-        Returns the dict described in the module docstring.
+        remat: rematerialisation of each encoder and decoder layer in the
+        backward pass (stack.REMAT_POLICIES: 'none', 'full', 'dots'); less
+        memory, same results. Returns the dict described in the module docstring.
         """
         c = self.config
         sources, masks, positions = self.features(images, pad_mask)
@@ -188,13 +195,15 @@ class DeformableDETR(nnx.Module):
                                for level, p in enumerate(positions)], 1).astype(src.dtype)
         mask = jnp.concatenate([m.reshape(b, -1) for m in masks], 1)  # (B, S)
         ratios = valid_ratios(masks)  # (B, L, 2)
-        memory = self.encoder(src, pos, shapes, ratios, mask, deterministic=deterministic)
+        memory = self.encoder(src, pos, shapes, ratios, mask, deterministic=deterministic,
+                              remat=remat)
 
         out = {}
         if c.two_stage:
             proposal_memory, proposals = encoder_proposals(memory, mask, shapes)
             proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
-            class_head, box_head = self._heads(c.dec_layers)
+            class_head = stack.layer(self.class_embed, c.dec_layers)
+            box_head = stack.layer(self.bbox_embed, c.dec_layers)
             enc_logits = class_head(proposal_memory)  # (B, S, C)
             enc_coords = box_head(proposal_memory) + proposals  # (B, S, 4) inverse sigmoid
             out["enc_outputs"] = {"pred_logits": enc_logits,
@@ -212,19 +221,17 @@ class DeformableDETR(nnx.Module):
             tgt = jnp.broadcast_to(embed[None, :, c.dim:], (b, c.num_queries, c.dim))
             reference = jax.nn.sigmoid(self.reference_points(query_pos))  # (B, Q, 2)
 
-        box_heads = self.bbox_embed if c.with_box_refine else None
-        states, references = self.decoder(tgt, query_pos, reference, memory, shapes, ratios,
-                                           mask, box_heads, deterministic=deterministic)
-        predictions = []
-        for layer in range(c.dec_layers):
-            class_head, box_head = self._heads(layer)
-            ref = references[layer]
-            delta = box_head(states[layer])
-            coords = delta.at[..., :ref.shape[-1]].add(inverse_sigmoid(ref))
-            predictions.append({"pred_logits": class_head(states[layer]),
-                                "pred_boxes": jax.nn.sigmoid(coords)})
+        decoded = self.decoder(tgt, query_pos, reference, memory, shapes, ratios, mask,
+                               self.class_embed, self.bbox_embed, c.with_box_refine,
+                               deterministic=deterministic, remat=remat)
+        predictions = [{"pred_logits": decoded["pred_logits"][layer],
+                        "pred_boxes": decoded["pred_boxes"][layer]}
+                       for layer in range(c.dec_layers)]
         out.update(predictions[-1])
         out["aux_outputs"] = predictions[:-1]
+        if with_attention:
+            out["decoder_attention"] = {k: decoded[k] for k in ("sampling_locations",
+                                                                "attention_weights")}
         return out
 
 

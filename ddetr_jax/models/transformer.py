@@ -3,6 +3,10 @@
 Mirrors the authors' models/deformable_transformer.py (DeformableTransformer,
 DeformableTransformerEncoderLayer / DecoderLayer, get_reference_points,
 get_valid_ratio, gen_encoder_output_proposals). Post-norm layers.
+
+The layers of each stack (and, with box refinement, the per-layer heads) are
+stacked and run with lax.scan (models/stack.py): one layer is compiled
+whatever the depth. Layer i of a stack: `encoder.layer(i)`, `decoder.layer(i)`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ddetr_jax.models import stack
 from ddetr_jax.models.attention import MSDeformAttn, MultiHeadAttention, linear
 
 
@@ -63,13 +68,19 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, tgt, query_pos, reference_points, memory, spatial_shapes, pad_mask, *,
                  deterministic):
-        """tgt, query_pos: (B, Q, D); reference_points: (B, Q, L, 2|4); memory: (B, S, D)."""
+        """tgt, query_pos: (B, Q, D); reference_points: (B, Q, L, 2|4); memory: (B, S, D).
+
+        Returns the new tgt (B, Q, D) and where the cross-attention looked:
+        (sampling locations (B, Q, M, L, P, 2), attention weights (B, Q, M, L, P)).
+        """
         qk = tgt + query_pos
         attn = self.self_attn(qk, qk, tgt, deterministic=deterministic)
         tgt = self.norm2(tgt + self.dropout2(attn, deterministic=deterministic))
-        attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, pad_mask)
+        attn, locations, weights = self.cross_attn.sample(tgt + query_pos, reference_points,
+                                                          memory, spatial_shapes, pad_mask)
         tgt = self.norm1(tgt + self.dropout1(attn, deterministic=deterministic))
-        return self.norm3(tgt + self.ffn(tgt, deterministic=deterministic))
+        tgt = self.norm3(tgt + self.ffn(tgt, deterministic=deterministic))
+        return tgt, (locations, weights)
 
 
 def valid_ratios(level_masks):
@@ -101,16 +112,25 @@ def encoder_reference_points(spatial_shapes, ratios):
 
 class Encoder(nnx.Module):
     def __init__(self, num_layers, dim, hidden, dropout, levels, heads, points, *, rngs):
-        self.layers = nnx.List([EncoderLayer(dim, hidden, dropout, levels, heads, points,
-                                             rngs=rngs) for _ in range(num_layers)])
+        self.layers = stack.stack_modules([
+            EncoderLayer(dim, hidden, dropout, levels, heads, points, rngs=rngs)
+            for _ in range(num_layers)])  # one EncoderLayer, variables (num_layers, ...)
 
-    def __call__(self, x, pos, spatial_shapes, ratios, pad_mask, *, deterministic):
+    def layer(self, index: int) -> EncoderLayer:
+        """Layer `index` as an ordinary module (a copy of its weights)."""
+        return stack.layer(self.layers, index)
+
+    def __call__(self, x, pos, spatial_shapes, ratios, pad_mask, *, deterministic,
+                 remat: str = "none"):
         """x, pos: (B, S, D); ratios: (B, L, 2); pad_mask: (B, S) -> memory (B, S, D)."""
         reference_points = encoder_reference_points(spatial_shapes, ratios)
-        for layer in self.layers:
-            x = layer(x, pos, reference_points, spatial_shapes, pad_mask,
-                      deterministic=deterministic)
-        return x
+
+        def body(modules, x, _):
+            (layer,) = modules
+            return layer(x, pos, reference_points, spatial_shapes, pad_mask,
+                         deterministic=deterministic), None
+
+        return stack.scan((self.layers,), body, x, remat=remat)[0]
 
 
 def inverse_sigmoid(x, eps: float = 1e-5):
@@ -118,37 +138,81 @@ def inverse_sigmoid(x, eps: float = 1e-5):
     return jnp.log(jnp.clip(x, eps) / jnp.clip(1 - x, eps))
 
 
+def refine_boxes(reference, delta):
+    """Boxes of a layer: its head's delta added to its reference in inverse-sigmoid space.
+
+    reference: (..., 2|4) normalised (cx, cy[, w, h]); delta: (..., 4) ->
+    (..., 4) normalised boxes. With box refinement they are the next layer's
+    reference (gradient stopped).
+    """
+    logits = delta.at[..., :reference.shape[-1]].add(inverse_sigmoid(reference))
+    return jax.nn.sigmoid(logits)
+
+
 class Decoder(nnx.Module):
     def __init__(self, num_layers, dim, hidden, dropout, levels, heads, points, *, rngs):
-        self.layers = nnx.List([DecoderLayer(dim, hidden, dropout, levels, heads, points,
-                                             rngs=rngs) for _ in range(num_layers)])
+        self.layers = stack.stack_modules([
+            DecoderLayer(dim, hidden, dropout, levels, heads, points, rngs=rngs)
+            for _ in range(num_layers)])  # one DecoderLayer, variables (num_layers, ...)
+
+    def layer(self, index: int) -> DecoderLayer:
+        """Layer `index` as an ordinary module (a copy of its weights)."""
+        return stack.layer(self.layers, index)
 
     def __call__(self, tgt, query_pos, reference_points, memory, spatial_shapes, ratios,
-                 pad_mask, box_heads=None, *, deterministic):
-        """Runs every layer; with box_heads (one per layer) refines the reference.
+                 pad_mask, class_head, box_head, refine: bool, *, deterministic,
+                 remat: str = "none"):
+        """Runs every layer and its prediction heads.
 
         tgt, query_pos: (B, Q, D); reference_points: (B, Q, 2|4) normalised;
-        memory: (B, S, D); ratios: (B, L, 2).
-        Returns hidden states (layers, B, Q, D) and the reference fed to each
-        layer (a list, since a 2-d reference becomes 4-d after refinement).
+        memory: (B, S, D); ratios: (B, L, 2). class_head, box_head: one head
+        shared by every layer, or with refine=True stacks with a head per layer
+        (at least as many as layers); then each layer's boxes are the next
+        layer's reference. Returns {'pred_logits': (layers, B, Q, C),
+        'pred_boxes': (layers, B, Q, 4), 'sampling_locations': (layers, B, Q,
+        M, L, P, 2), 'attention_weights': (layers, B, Q, M, L, P)} (the
+        cross-attention of every layer; unused outputs cost nothing under jit).
         """
-        states, references = [], []
-        for index, layer in enumerate(self.layers):
-            if reference_points.shape[-1] == 4:
-                scale = jnp.concatenate([ratios, ratios], -1)[:, None]  # (B, 1, L, 4)
-            else:
-                scale = ratios[:, None]  # (B, 1, L, 2)
-            ref_input = reference_points[:, :, None] * scale  # (B, Q, L, 2|4)
-            references.append(reference_points)
-            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, pad_mask,
-                        deterministic=deterministic)
-            states.append(tgt)
-            if box_heads is not None:
-                delta = box_heads[index](tgt)  # (B, Q, 4)
-                coords = reference_points.shape[-1]
-                logits = delta.at[..., :coords].add(inverse_sigmoid(reference_points))
-                reference_points = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
-        return jnp.stack(states), references
+        def run_layer(layer, tgt, reference):
+            scale = ratios if reference.shape[-1] == 2 else jnp.concatenate([ratios, ratios], -1)
+            ref_input = reference[:, :, None] * scale[:, None]  # (B, Q, L, 2|4)
+            return layer(tgt, query_pos, ref_input, memory, spatial_shapes, pad_mask,
+                         deterministic=deterministic)
+
+        if not refine:
+            def body(modules, tgt, _):
+                tgt, sampling = run_layer(modules[0], tgt, reference_points)
+                return tgt, (tgt, sampling)
+
+            _, (states, sampling) = stack.scan((self.layers,), body, tgt, remat=remat)
+            boxes = refine_boxes(reference_points, box_head(states))
+            return _decoder_outputs(class_head(states), boxes, sampling)
+
+        def refined(modules, carry, _):
+            layer, layer_class_head, layer_box_head = modules
+            tgt, reference = carry
+            tgt, sampling = run_layer(layer, tgt, reference)
+            boxes = refine_boxes(reference, layer_box_head(tgt))
+            return (tgt, jax.lax.stop_gradient(boxes)), (layer_class_head(tgt), boxes, sampling)
+
+        stacks = (self.layers, class_head, box_head)
+        num_layers = stack.stack_size(self.layers)
+        first = []
+        carry = (tgt, reference_points)
+        if reference_points.shape[-1] == 2:
+            # The first layer samples around points, the rest around boxes: that one
+            # runs outside the scan (a carry keeps one shape).
+            carry, y = refined(tuple(stack.layer(s, 0) for s in stacks), carry, None)
+            first = [jax.tree.map(lambda x: x[None], y)]
+        start = len(first)
+        _, ys = stack.scan(stacks, refined, carry, layers=slice(start, num_layers), remat=remat)
+        logits, boxes, sampling = jax.tree.map(lambda *xs: jnp.concatenate(xs), *first, ys)
+        return _decoder_outputs(logits, boxes, sampling)
+
+
+def _decoder_outputs(logits, boxes, sampling):
+    return {"pred_logits": logits, "pred_boxes": boxes, "sampling_locations": sampling[0],
+            "attention_weights": sampling[1]}
 
 
 def encoder_proposals(memory, pad_mask, spatial_shapes):

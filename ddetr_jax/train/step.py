@@ -77,7 +77,8 @@ def matching_solver(loss_config: LossConfig, mesh: Mesh) -> LossConfig:
 
 
 def make_train_step(graphdef, rest, tx, lr_schedule, mesh: Mesh,
-                    loss_config: LossConfig = LossConfig(), compute_dtype=None):
+                    loss_config: LossConfig = LossConfig(), compute_dtype=None,
+                    remat: str = "none"):
     """Builds the jitted step.
 
     step(state, batch, rng) -> (state, metrics). batch: BATCH_KEYS arrays with
@@ -89,6 +90,7 @@ def make_train_step(graphdef, rest, tx, lr_schedule, mesh: Mesh,
     (non-finite matching costs leave that image unmatched instead of raising,
     since its loss or gradients are then non-finite too and the step reports it).
     Several CPU devices in one process match with optax (matching_solver).
+    remat: rematerialisation of each transformer layer (stack.REMAT_POLICIES).
     """
     loss_config = dataclasses.replace(matching_solver(loss_config, mesh),
                                       nonfinite_costs="unmatched")
@@ -105,8 +107,8 @@ def make_train_step(graphdef, rest, tx, lr_schedule, mesh: Mesh,
                 params = jax.tree.map(lambda x: x.astype(compute_dtype), params)
                 images = images.astype(compute_dtype)
             model = nnx.merge(graphdef, params, rest, copy=True)  # fresh variables: reseedable
-            nnx.reseed(model, default=device_rng)
-            outputs = model(images, batch["pad_mask"], deterministic=False)
+            nnx.reseed(model, default=device_rng, policy="match_shape")  # a key per layer
+            outputs = model(images, batch["pad_mask"], deterministic=False, remat=remat)
             outputs = jax.tree.map(lambda x: x.astype(jnp.float32), outputs)
             return criterion(outputs, batch, num_boxes, loss_config)
 

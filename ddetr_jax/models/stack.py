@@ -1,0 +1,75 @@
+"""Layers compiled once: modules of one kind stacked on a leading axis, run with lax.scan.
+
+A stack is one module of its kind whose every variable has a leading layer
+axis (L, ...). Running it with `scan` traces and compiles one layer body for
+the whole depth, so compile time does not grow with the number of layers.
+`layer(stack, i)` gives layer i as an ordinary module (a copy) for inspection.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from flax import nnx
+
+# Rematerialisation per layer (jax.checkpoint policies): what a layer's
+# backward pass may keep from its forward pass instead of recomputing it.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every residual kept (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the layer inputs kept
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmul outputs kept
+}
+
+
+def check_remat(remat: str) -> str:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat: expected one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+    return remat
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """Modules of one kind -> one module whose variables are theirs stacked (L, ...).
+
+    Built from separately initialised modules, so a stack starts with exactly
+    the weights the same modules built one after another would have.
+    """
+    state = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *(nnx.state(m) for m in modules))
+    stack = modules[0]
+    nnx.update(stack, state)
+    return stack
+
+
+def stack_size(stack: nnx.Module) -> int:
+    return jax.tree.leaves(nnx.state(stack))[0].shape[0]
+
+
+def layer(stack: nnx.Module, index: int) -> nnx.Module:
+    """Layer `index` of a stack as an ordinary module (a copy: writing to it
+    leaves the stack unchanged)."""
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state))
+
+
+def scan(stacks: tuple[nnx.Module, ...], body: Callable, carry, xs=None, *,
+         layers: slice = slice(None), remat: str = "none"):
+    """lax.scan of body(modules, carry, x) -> (carry, y) over the layers of stacks.
+
+    stacks: stacks scanned together (a layer and its heads); body gets one
+    layer of each as a tuple of modules. layers: which layers (every stack
+    must have them). xs: a pytree with a leading axis of that many layers, or
+    None. Returns (carry, ys), ys stacked on a leading axis. remat: a
+    REMAT_POLICIES name.
+    """
+    split = [nnx.split(s) for s in stacks]
+    graphdefs = [g for g, _ in split]
+    states = [jax.tree.map(lambda x: x[layers], state) for _, state in split]
+
+    def step(c, inputs):
+        layer_states, x = inputs
+        modules = tuple(nnx.merge(g, s) for g, s in zip(graphdefs, layer_states))
+        return body(modules, c, x)
+
+    if check_remat(remat) != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
+    return jax.lax.scan(step, carry, (states, xs))
