@@ -64,7 +64,8 @@ def batch(size: int, images: int = 2, targets: int = 5):
 
 
 def compile_seconds(config, size: int, **model_overrides) -> tuple[float, float]:
-    """(trace + lower seconds, XLA compile seconds) of the config's train step."""
+    """(trace + lower seconds, XLA compile seconds) of the config's train step
+    (with scipy's matcher both programs of the HostMatchedStep)."""
     settings = resolve(config, steps_per_epoch=100)
     mc = dataclasses.replace(settings.model, **model_overrides)
     graphdef, params, rest = split_model(DeformableDETR(mc, rngs=nnx.Rngs(0)))
@@ -79,10 +80,58 @@ def compile_seconds(config, size: int, **model_overrides) -> tuple[float, float]
     return t1 - t0, time.perf_counter() - t1
 
 
+def breakdown(config, size: int) -> None:
+    """Compile seconds of the train step's parts, each jitted alone (one device)."""
+    import jax.numpy as jnp
+    import optax
+
+    from ddetr_jax.losses import criterion
+
+    settings = resolve(config, steps_per_epoch=100)
+    model = DeformableDETR(settings.model, rngs=nnx.Rngs(0))
+    graphdef, params, rest = split_model(model)
+    data = {k: jnp.asarray(v) for k, v in batch(size).items()}
+    tx, _ = make_optimizer(params, settings.optimizer)
+
+    def forward(p):
+        return nnx.merge(graphdef, p, rest, copy=True)(data["images"], data["pad_mask"])
+
+    def backbone_loss(p):
+        m = nnx.merge(graphdef, p, rest, copy=True)
+        return sum(f.sum() for f in m.backbone(data["images"]))
+
+    def model_loss(p):
+        return sum(x.sum() for x in jax.tree.leaves(forward(p)))
+
+    outputs = jax.eval_shape(forward, params)
+    loss_config = dataclasses.replace(settings.loss, solver="optax")
+    parts = {
+        "backbone fwd+bwd": (jax.grad(backbone_loss), params),
+        "model fwd": (forward, params),
+        "model fwd+bwd (sum of outputs)": (jax.grad(model_loss), params),
+        "matching + losses fwd+bwd (optax)": (
+            jax.grad(lambda o: criterion(o, data, 1.0, loss_config)[0]),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), outputs)),
+        "optimizer update": (lambda p, o: optax.apply_updates(p, tx.update(p, o, p)[0]),
+                             params, tx.init(params)),
+    }
+    for name, (fn, *fn_args) in parts.items():
+        t0 = time.perf_counter()
+        lowered = jax.jit(fn).lower(*fn_args)
+        t1 = time.perf_counter()
+        lowered.compile()
+        print(f"  {name:36s} lower {t1 - t0:6.1f} s  compile {time.perf_counter() - t1:6.1f} s",
+              flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--solver", choices=("config", "scipy", "optax"), default="config",
+                        help="the matcher (default: the config's)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also compile the parts of each variant's step alone")
     parser.add_argument("--no-ratio", action="store_true",
                         help="skip the 1 + 1 layer compile of the two-stage variant")
     args = parser.parse_args()
@@ -93,6 +142,8 @@ def main():
     totals = {}
     for name in args.variants:
         config = load_config(name)
+        if args.solver != "config":
+            config.loss.solver = args.solver
         runs = [(config.model.enc_layers, config.model.dec_layers)]
         if name == "two_stage" and not args.no_ratio:
             runs.append((1, 1))
@@ -101,6 +152,8 @@ def main():
             totals[(name, enc, dec)] = lower + comp
             print(f"{name:18s} {f'{enc}+{dec}':>7s} {lower:8.1f} {comp:10.1f} "
                   f"{lower + comp:8.1f}", flush=True)
+        if args.breakdown:
+            breakdown(config, args.size)
     if ("two_stage", 6, 6) in totals and ("two_stage", 1, 1) in totals:
         print(f"two_stage compile(6+6) / compile(1+1): "
               f"{totals[('two_stage', 6, 6)] / totals[('two_stage', 1, 1)]:.2f}")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ddetr_jax import box_ops
-from ddetr_jax.matcher import MatchWeights, match
+from ddetr_jax.matcher import MatchWeights, cost_matrix, match
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,26 +66,46 @@ def set_losses(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, query_for_t
             "loss_giou": jnp.where(matched, 1 - giou, 0).sum() / num_boxes}
 
 
-def criterion(outputs, batch, num_boxes, config: LossConfig = LossConfig()):
-    """Every loss term of a model output, matched per prediction set.
-
-    outputs: the DeformableDETR dict; batch: 'labels' (B, T), 'boxes_cxcywh'
-    (B, T, 4), 'target_valid' (B, T). Returns (total weighted loss, terms) with
-    terms named 'loss_ce', ..., '_0'..'_{L-2}' suffixed for auxiliary layers and
-    '_enc' for the two-stage encoder (class-agnostic targets), and
-    'num_matched' (the last layer's matched boxes).
-    """
-    labels, boxes, valid = batch["labels"], batch["boxes_cxcywh"], batch["target_valid"]
+def prediction_sets(outputs, labels):
+    """[(suffix, {'pred_logits', 'pred_boxes'}, labels)] of every matched prediction set:
+    the last layer (''), the auxiliary layers ('_0'..'_{L-2}') and, two-stage, the
+    encoder proposals ('_enc', class-agnostic: every label 0)."""
     sets = [("", outputs, labels)]
     sets += [(f"_{i}", aux, labels) for i, aux in enumerate(outputs["aux_outputs"])]
     if "enc_outputs" in outputs:
         sets.append(("_enc", outputs["enc_outputs"], jnp.zeros_like(labels)))
+    return sets
+
+
+def matching_costs(outputs, batch, config: LossConfig = LossConfig()) -> list:
+    """The matching cost of every prediction set (prediction_sets' order):
+    [(B, Q_set, T) float32], no gradient."""
+    return [jax.lax.stop_gradient(cost_matrix(out["pred_logits"], out["pred_boxes"],
+                                              set_labels, batch["boxes_cxcywh"], config.matcher))
+            for _, out, set_labels in prediction_sets(outputs, batch["labels"])]
+
+
+def criterion(outputs, batch, num_boxes, config: LossConfig = LossConfig(), matches=None):
+    """Every loss term of a model output, matched per prediction set.
+
+    outputs: the DeformableDETR dict; batch: 'labels' (B, T), 'boxes_cxcywh'
+    (B, T, 4), 'target_valid' (B, T). matches: the matching of every set
+    (prediction_sets' order) as [(B, T) query per target, -1 unmatched], or
+    None to match here (config.solver). Returns (total weighted loss, terms)
+    with terms named 'loss_ce', ..., '_0'..'_{L-2}' suffixed for auxiliary
+    layers and '_enc' for the two-stage encoder (class-agnostic targets), and
+    'num_matched' (the last layer's matched boxes).
+    """
+    labels, boxes, valid = batch["labels"], batch["boxes_cxcywh"], batch["target_valid"]
+    sets = prediction_sets(outputs, labels)
+    if matches is None:
+        matches = [match(out["pred_logits"], out["pred_boxes"], set_labels, boxes, valid,
+                         config.matcher, config.solver, config.nonfinite_costs)
+                   for _, out, set_labels in sets]
     weights = {"loss_ce": config.class_weight, "loss_bbox": config.bbox_weight,
                "loss_giou": config.giou_weight}
     terms, total = {}, 0.0
-    for suffix, out, set_labels in sets:
-        query_for_target = match(out["pred_logits"], out["pred_boxes"], set_labels, boxes, valid,
-                                 config.matcher, config.solver, config.nonfinite_costs)
+    for (suffix, out, set_labels), query_for_target in zip(sets, matches, strict=True):
         if suffix == "":
             terms["num_matched"] = (query_for_target >= 0).sum()
         for name, value in set_losses(out["pred_logits"], out["pred_boxes"], set_labels, boxes,

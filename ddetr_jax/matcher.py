@@ -51,7 +51,7 @@ def cost_matrix(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, weights: M
     return weights.class_cost * class_cost + weights.bbox_cost * l1 - weights.giou_cost * giou
 
 
-def _scipy_assign(cost, target_valid, raise_on_nonfinite: bool):
+def scipy_assign(cost, target_valid, raise_on_nonfinite: bool):
     """Host side: cost (B, Q, T), target_valid (B, T) -> (B, T) int32 query per target.
 
     Non-finite costs raise, or leave the image unmatched (all -1).
@@ -128,5 +128,5 @@ def match(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, target_valid,
     if solver != "scipy":
         raise ValueError(f"solver: expected 'scipy' or 'optax', got {solver!r}")
     result = jax.ShapeDtypeStruct(target_valid.shape, jnp.int32)
-    assign = functools.partial(_scipy_assign, raise_on_nonfinite=nonfinite_costs == "raise")
+    assign = functools.partial(scipy_assign, raise_on_nonfinite=nonfinite_costs == "raise")
     return jax.pure_callback(assign, result, cost, target_valid, vmap_method="sequential")

@@ -130,7 +130,7 @@ class Trainer:
         self.tx, self.lr = make_optimizer(params, s.optimizer)
         self.state = init_state(params, self.tx, self.mesh)
         self.step_fn = make_train_step(self.graphdef, rest, self.tx, self.lr, self.mesh,
-                                       s.loss, DTYPES[s.compute_dtype])
+                                       s.loss, DTYPES[s.compute_dtype], s.remat)
         self.predict = make_predict_fn(self.graphdef, self.mesh, num_top=min(
             NUM_TOP, s.model.num_queries * s.model.num_classes), fixed=(rest,),
             nms_iou=s.eval_nms_iou)

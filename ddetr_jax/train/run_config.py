@@ -15,7 +15,7 @@ import pathlib
 MAY_CHANGE = frozenset({
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "max_consecutive_nonfinite", "eval_batch_size", "data.num_workers", "data.num_threads",
-    "data.prefetch", "data.data_dir"})
+    "data.prefetch", "data.data_dir", "remat"})
 
 
 class ConfigMismatch(ValueError):

@@ -6,7 +6,7 @@ for the defaults and their meaning):
 
     seed, global_batch_size, num_epochs, lr_drop_epochs, total_steps,
     lr_drop_step, log_every_steps, eval_every_steps, checkpoint_every_steps,
-    keep_checkpoints, max_consecutive_nonfinite, compute_dtype, eval_batch_size,
+    keep_checkpoints, max_consecutive_nonfinite, compute_dtype, remat, eval_batch_size,
     eval_nms_iou, backbone_weights
     data.{name, data_dir, train_split, eval_split, synthetic, buckets, eval_buckets,
           max_targets, scales, max_size, crop_resize_scales, crop_size,
@@ -27,6 +27,7 @@ from ddetr_jax.data.transforms import TransformConfig
 from ddetr_jax.losses import LossConfig
 from ddetr_jax.matcher import MatchWeights
 from ddetr_jax.models import ModelConfig
+from ddetr_jax.models.stack import check_remat
 from ddetr_jax.postprocess import check_nms_iou
 from ddetr_jax.train.optimizer import OptimizerConfig
 
@@ -65,6 +66,7 @@ class Settings:
     keep_checkpoints: int
     max_consecutive_nonfinite: int
     compute_dtype: str
+    remat: str  # models/stack.py REMAT_POLICIES
     eval_nms_iou: float  # 0: the published post-processing; > 0: class-wise NMS
     backbone_weights: str  # "" or a torchvision ResNet state dict
 
@@ -178,5 +180,6 @@ def resolve(config, steps_per_epoch: int, process_count: int = 1) -> Settings:
         max_consecutive_nonfinite=_positive("max_consecutive_nonfinite",
                                             config.max_consecutive_nonfinite),
         compute_dtype=str(config.compute_dtype),
+        remat=check_remat(str(config.get("remat", "none"))),
         eval_nms_iou=eval_nms_iou(config),
         backbone_weights=str(config.get("backbone_weights", "")))
