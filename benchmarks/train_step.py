@@ -10,6 +10,10 @@ AdamW step. torch uses 2 threads on CPU (OMP_WAIT_POLICY=PASSIVE, see
 benchmarks/ms_deform_attn.py).
 
     python benchmarks/train_step.py [--device gpu] [--dtype bfloat16] [--repeats 3]
+        [--solver scipy|optax] [--targets 5]
+
+--solver scipy (the default) is the HostMatchedStep: two programs with
+scipy's matching on the host between them; optax matches inside one program.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import random_hf_detr, time_interleaved  # noqa: E402
 from ddetr_jax.convert import load_torch_checkpoint  # noqa: E402
 from ddetr_jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
-from ddetr_jax.train.step import (data_mesh, init_state, make_train_step, shard_batch,  # noqa: E402
-                                  split_model)
+from ddetr_jax.losses import LossConfig  # noqa: E402
+from ddetr_jax.train.step import (HostMatchedStep, data_mesh, init_state,  # noqa: E402
+                                  make_train_step, shard_batch, split_model)
 
 
 def make_batch(size: int, targets: int = 5, batch: int = 2, seed: int = 0):
@@ -56,6 +61,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--solver", choices=("scipy", "optax"), default="scipy")
+    parser.add_argument("--targets", type=int, default=5, help="targets per image")
     args = parser.parse_args()
 
     import torch
@@ -67,19 +74,25 @@ def main():
     with jax.default_device(jdev):
         model, _ = load_torch_checkpoint(hf.state_dict())
     hf = hf.to(tdev).train()
-    batch = make_batch(args.size)
+    batch = make_batch(args.size, args.targets)
 
     graphdef, params, rest = split_model(model)
     tx, lr = make_optimizer(params, OptimizerConfig())
     mesh = data_mesh([jdev])
     compute_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
-    step = make_train_step(graphdef, rest, tx, lr, mesh, compute_dtype=compute_dtype)
+    step = make_train_step(graphdef, rest, tx, lr, mesh, LossConfig(solver=args.solver),
+                           compute_dtype=compute_dtype)
     state = init_state(params, tx, mesh)
     jbatch = shard_batch(batch, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, jbatch, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()
+    if isinstance(step, HostMatchedStep):
+        step.forward, step.update = compiled  # run the programs compiled above
+        memory = [c.memory_analysis() for c in compiled]
+        compiled = step
+    else:
+        memory = [compiled.memory_analysis()]
 
     optimizer = torch.optim.AdamW(hf.parameters(), lr=2e-4, weight_decay=1e-4)
     pixel_values = torch.tensor(batch["images"]).permute(0, 3, 1, 2).contiguous().to(tdev)
@@ -111,8 +124,11 @@ def main():
     print(f"JAX compile: {compile_s:.1f} s")
     print(f"JAX step: {j * 1e3:.0f} ms ({2 / j:.2f} images/s)   HF step: {tm * 1e3:.0f} ms "
           f"({2 / tm:.2f} images/s)   speed-up: {tm / j:.2f}x")
-    if memory is not None:
-        print(f"JAX XLA temporaries: {memory.temp_size_in_bytes / 2**30:.2f} GiB")
+    for name, m in zip(("forward", "update") if len(memory) == 2 else ("step",), memory):
+        if m is not None:
+            print(f"JAX {name} program: XLA temporaries {m.temp_size_in_bytes / 2**30:.2f} GiB, "
+                  f"arguments {m.argument_size_in_bytes / 2**30:.2f} GiB, outputs "
+                  f"{m.output_size_in_bytes / 2**30:.2f} GiB")
     if tdev == "cuda":
         print(f"torch peak allocated: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         stats = jdev.memory_stats() or {}

@@ -478,11 +478,27 @@ def load_converted(path: str):
 
 
 def _restore_int_keys(template, restored):
-    """orbax stores list indices as strings; follow the template's key types."""
+    """orbax stores list indices as strings; follow the template's key types.
+
+    Checkpoints written before the layers were stacked hold one subtree per
+    layer ('0', '1', ...) where the model has one stacked subtree: those are
+    stacked on load.
+    """
     if isinstance(template, Mapping):
+        if _per_layer(template, restored):
+            restored = jax.tree.map(lambda *xs: np.stack(xs),
+                                    *(restored[str(i)] for i in range(len(restored))))
         return {k: _restore_int_keys(v, restored[str(k)] if str(k) in restored else restored[k])
                 for k, v in template.items()}
     return restored
+
+
+def _per_layer(template: Mapping, restored) -> bool:
+    """True where the model has one stacked subtree and the checkpoint one per layer."""
+    if not isinstance(restored, Mapping) or not restored or any(
+            str(k).isdigit() for k in template):
+        return False
+    return sorted(map(str, restored)) == sorted(str(i) for i in range(len(restored)))
 
 
 def main(argv=None):

@@ -2,8 +2,10 @@
 
 Mirrors the authors' models/matcher.py (HungarianMatcher with the focal-style
 class cost). The cost matrix is computed on device; the assignment is
-scipy.optimize.linear_sum_assignment through jax.pure_callback (the default)
-or optax's on-device Hungarian algorithm. Results have fixed shapes.
+scipy.optimize.linear_sum_assignment (`scipy_assign` on the host, as the
+train step runs it between its two programs, or `match` through
+jax.pure_callback) or optax's on-device Hungarian algorithm. Results have
+fixed shapes.
 """
 
 from __future__ import annotations

@@ -159,6 +159,35 @@ def test_from_converted_checkpoint(model, detector, tmp_path):
     np.testing.assert_array_equal(a["boxes_xyxy"], b["boxes_xyxy"])
 
 
+def test_checkpoint_with_one_subtree_per_layer_loads_stacked(tmp_path):
+    """Checkpoints written before the layers were stacked ('layers': {'0': ..., '1': ...})
+    load into the stacked model with the same weights."""
+    import dataclasses
+    import json
+
+    import orbax.checkpoint as ocp
+
+    from ddetr_jax.convert import WEIGHTS, load_converted
+    config = dataclasses.replace(TINY, enc_layers=2, with_box_refine=True, two_stage=True)
+    model = DeformableDETR(config, rngs=nnx.Rngs(3))
+    state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, WEIGHTS)))
+    per_layer = lambda tree, n: {str(i): jax.tree.map(lambda x: x[i], tree)  # noqa: E731
+                                 for i in range(n)}
+    old = dict(state, encoder={"layers": per_layer(state["encoder"]["layers"], 2)},
+               decoder={"layers": per_layer(state["decoder"]["layers"], 2)},
+               class_embed=per_layer(state["class_embed"], 3),
+               bbox_embed=per_layer(state["bbox_embed"], 3))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "old" / "state", old)
+    (tmp_path / "old" / "model_config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    loaded, _ = load_converted(str(tmp_path / "old"))
+    expected = jax.tree.leaves(nnx.state(model, WEIGHTS))
+    got = jax.tree.leaves(nnx.state(loaded, WEIGHTS))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_bad_checkpoints_are_refused(model, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "missing")
