@@ -17,6 +17,7 @@ from flax import nnx
 
 from ddetr_jax.models import stack
 from ddetr_jax.models.attention import MSDeformAttn, MultiHeadAttention, linear
+from ddetr_jax.ops.manual_axes import make_varying, varying_axes
 
 
 def layer_norm(dim: int, *, rngs):
@@ -173,6 +174,11 @@ class Decoder(nnx.Module):
         M, L, P, 2), 'attention_weights': (layers, B, Q, M, L, P)} (the
         cross-attention of every layer; unused outputs cost nothing under jit).
         """
+        # Inside shard_map the scan's carry must vary over the mesh axes its output
+        # varies over: those of the memory (the queries alone may be replicated).
+        axes = varying_axes(memory)
+        tgt, reference_points = (make_varying(x, axes) for x in (tgt, reference_points))
+
         def run_layer(layer, tgt, reference):
             scale = ratios if reference.shape[-1] == 2 else jnp.concatenate([ratios, ratios], -1)
             ref_input = reference[:, :, None] * scale[:, None]  # (B, Q, L, 2|4)
