@@ -19,9 +19,10 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from common import make_batch  # noqa: E402
 
 from flax import nnx  # noqa: E402
 
@@ -50,19 +51,6 @@ def load_config(name: str):
     return module.get_config()
 
 
-def batch(size: int, images: int = 2, targets: int = 5):
-    rng = np.random.default_rng(0)
-    return {
-        "images": rng.normal(size=(images, size, size, 3)).astype(np.float32),
-        "pad_mask": np.zeros((images, size, size), bool),
-        "boxes_cxcywh": np.concatenate([rng.uniform(0.3, 0.7, (images, targets, 2)),
-                                        rng.uniform(0.1, 0.3, (images, targets, 2))],
-                                       -1).astype(np.float32),
-        "labels": rng.integers(1, 9, (images, targets)).astype(np.int32),
-        "target_valid": np.ones((images, targets), bool),
-    }
-
-
 def compile_seconds(config, size: int, **model_overrides) -> tuple[float, float]:
     """(trace + lower seconds, XLA compile seconds) of the config's train step
     (with scipy's matcher both programs of the HostMatchedStep)."""
@@ -72,7 +60,7 @@ def compile_seconds(config, size: int, **model_overrides) -> tuple[float, float]
     tx, lr = make_optimizer(params, settings.optimizer)
     mesh = data_mesh(jax.devices()[:1])
     step = make_train_step(graphdef, rest, tx, lr, mesh, settings.loss)
-    args = (init_state(params, tx, mesh), shard_batch(batch(size), mesh), jax.random.key(0))
+    args = (init_state(params, tx, mesh), shard_batch(make_batch(size), mesh), jax.random.key(0))
     t0 = time.perf_counter()
     lowered = step.lower(*args)
     t1 = time.perf_counter()
@@ -90,7 +78,7 @@ def breakdown(config, size: int) -> None:
     settings = resolve(config, steps_per_epoch=100)
     model = DeformableDETR(settings.model, rngs=nnx.Rngs(0))
     graphdef, params, rest = split_model(model)
-    data = {k: jnp.asarray(v) for k, v in batch(size).items()}
+    data = {k: jnp.asarray(v) for k, v in make_batch(size).items()}
     tx, _ = make_optimizer(params, settings.optimizer)
 
     def forward(p):

@@ -29,29 +29,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import random_hf_detr, time_interleaved  # noqa: E402
+from common import make_batch, random_hf_detr, time_interleaved  # noqa: E402
 from ddetr_jax.convert import load_torch_checkpoint  # noqa: E402
 from ddetr_jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 from ddetr_jax.losses import LossConfig  # noqa: E402
 from ddetr_jax.train.step import (HostMatchedStep, data_mesh, init_state,  # noqa: E402
                                   make_train_step, shard_batch, split_model)
-
-
-def make_batch(size: int, targets: int = 5, batch: int = 2, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return {
-        "images": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-        "pad_mask": np.zeros((batch, size, size), bool),
-        "boxes_cxcywh": np.concatenate([rng.uniform(0.3, 0.7, (batch, targets, 2)),
-                                        rng.uniform(0.1, 0.3, (batch, targets, 2))],
-                                       -1).astype(np.float32),
-        "labels": rng.integers(1, 91, (batch, targets)).astype(np.int32),
-        "target_valid": np.ones((batch, targets), bool),
-    }
 
 
 def main():

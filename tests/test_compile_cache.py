@@ -5,7 +5,6 @@ persistent-cache miss by program name, and every program it refuses to
 write), not from wall time.
 """
 
-import os
 import pathlib
 import re
 import subprocess
@@ -13,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.train_fixtures import prepare_tiny_data
+from tests.train_fixtures import train_py_setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MISS = re.compile(r"PERSISTENT COMPILATION CACHE MISS for '([^']+)'")
@@ -36,12 +35,8 @@ def get_config():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("cache")
-    prepare_tiny_data(base / "data")
-    config = base / "tiny.py"
-    config.write_text(CONFIG.format(root=str(ROOT), data_dir=str(base / "data")))
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu",
-               JAX_DISABLE_MOST_OPTIMIZATIONS="1", DDETR_JAX_CACHE=str(base / "jax_cache"),
-               JAX_EXPLAIN_CACHE_MISSES="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    config, env = train_py_setup(base, CONFIG, JAX_EXPLAIN_CACHE_MISSES="1",
+                                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return base, config, env
 
 

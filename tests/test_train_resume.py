@@ -2,7 +2,6 @@
 SIGTERM saves a checkpoint before exiting. Subprocesses on 2 CPU devices."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 
 from ddetr_jax.train.checkpoint import Checkpoints
 from ddetr_jax.train.workdir import restore_numpy
-from tests.train_fixtures import prepare_tiny_data
+from tests.train_fixtures import train_py_setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 8
@@ -39,12 +38,7 @@ def get_config():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
-    prepare_tiny_data(base / "data")
-    config = base / "tiny.py"
-    config.write_text(CONFIG.format(root=str(ROOT), data_dir=str(base / "data"),
-                                    total=TOTAL_STEPS))
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu",
-               JAX_DISABLE_MOST_OPTIMIZATIONS="1", DDETR_JAX_CACHE=str(base / "jax_cache"))
+    config, env = train_py_setup(base, CONFIG.replace("{total}", str(TOTAL_STEPS)))
     return base, config, env
 
 

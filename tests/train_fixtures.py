@@ -46,6 +46,22 @@ def prepare_tiny_data(data_dir):
                      TINY_DATA["val_images"], TINY_DATA["seed"])
 
 
+def train_py_setup(base, config_source: str, **env):
+    """The tiny dataset in base/data, config_source (a format string of root and
+    data_dir) written to base/tiny.py, and the environment of train.py subprocesses:
+    2 CPU devices, fast compilation, the compilation cache in base/jax_cache, plus env.
+    Returns (config path, environment)."""
+    import os
+    import pathlib
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    prepare_tiny_data(base / "data")
+    config = base / "tiny.py"
+    config.write_text(config_source.format(root=root, data_dir=str(base / "data")))
+    return config, dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu",
+                        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+                        DDETR_JAX_CACHE=str(base / "jax_cache"), **env)
+
+
 def load_config(path):
     """get_config() of a config file (as train.py's --config reads it)."""
     import importlib.util
