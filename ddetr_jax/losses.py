@@ -8,7 +8,6 @@ T with a validity flag, and the matching is a (B, T) query index per target.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -69,35 +68,21 @@ def set_losses(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, query_for_t
 
 def prediction_sets(outputs, labels):
     """[(suffix, {'pred_logits', 'pred_boxes'}, labels)] of every matched prediction set:
-    the decoder layers in order ('_0'..'_{L-2}', then '' for the last layer) and,
-    two-stage, the encoder proposals ('_enc', class-agnostic: every label 0)."""
-    layers = [*outputs["aux_outputs"], outputs]
-    sets = [(f"_{i}" if i < len(layers) - 1 else "", out, labels) for i, out in enumerate(layers)]
+    the last layer (''), the auxiliary layers ('_0'..'_{L-2}') and, two-stage, the
+    encoder proposals ('_enc', class-agnostic: every label 0)."""
+    sets = [("", outputs, labels)]
+    sets += [(f"_{i}", aux, labels) for i, aux in enumerate(outputs["aux_outputs"])]
     if "enc_outputs" in outputs:
         sets.append(("_enc", outputs["enc_outputs"], jnp.zeros_like(labels)))
     return sets
 
 
-def _stacked_layers(outputs):
-    """The decoder layers' predictions stacked: logits (L, B, Q, C), boxes (L, B, Q, 4).
-    Costs and losses are computed for all layers at once (vmap): one set of
-    operations to compile, not one per layer."""
-    layers = [*outputs["aux_outputs"], outputs]
-    return (jnp.stack([o["pred_logits"] for o in layers]),
-            jnp.stack([o["pred_boxes"] for o in layers]))
-
-
 def matching_costs(outputs, batch, config: LossConfig = LossConfig()) -> list:
     """The matching cost of every prediction set (prediction_sets' order):
     [(B, Q_set, T) float32], no gradient."""
-    labels, boxes = batch["labels"], batch["boxes_cxcywh"]
-    cost = functools.partial(cost_matrix, weights=config.matcher)
-    logits, pred_boxes = _stacked_layers(outputs)
-    costs = list(jax.vmap(cost, (0, 0, None, None))(logits, pred_boxes, labels, boxes))
-    if "enc_outputs" in outputs:
-        enc = outputs["enc_outputs"]
-        costs.append(cost(enc["pred_logits"], enc["pred_boxes"], jnp.zeros_like(labels), boxes))
-    return [jax.lax.stop_gradient(c) for c in costs]
+    return [jax.lax.stop_gradient(cost_matrix(out["pred_logits"], out["pred_boxes"],
+                                              set_labels, batch["boxes_cxcywh"], config.matcher))
+            for _, out, set_labels in prediction_sets(outputs, batch["labels"])]
 
 
 def criterion(outputs, batch, num_boxes, config: LossConfig = LossConfig(), matches=None):
@@ -117,26 +102,14 @@ def criterion(outputs, batch, num_boxes, config: LossConfig = LossConfig(), matc
         matches = [match(out["pred_logits"], out["pred_boxes"], set_labels, boxes, valid,
                          config.matcher, config.solver, config.nonfinite_costs)
                    for _, out, set_labels in sets]
-    if len(matches) != len(sets):
-        raise ValueError(f"matches: expected {len(sets)} (one per prediction set), "
-                         f"got {len(matches)}")
-    num_layers = len(outputs["aux_outputs"]) + 1
-    logits, pred_boxes = _stacked_layers(outputs)
-    per_layer = jax.vmap(lambda lg, bx, m: set_losses(lg, bx, labels, boxes, m, num_boxes,
-                                                      config))(
-        logits, pred_boxes, jnp.stack(matches[:num_layers]))  # {name: (L,)}
-    losses = [(suffix, {name: value[i] for name, value in per_layer.items()})
-              for i, (suffix, _, _) in enumerate(sets[:num_layers])]
-    for (suffix, out, set_labels), query_for_target in zip(sets[num_layers:],
-                                                           matches[num_layers:]):
-        losses.append((suffix, set_losses(out["pred_logits"], out["pred_boxes"], set_labels,
-                                           boxes, query_for_target, num_boxes, config)))
     weights = {"loss_ce": config.class_weight, "loss_bbox": config.bbox_weight,
                "loss_giou": config.giou_weight}
-    terms = {"num_matched": (matches[num_layers - 1] >= 0).sum()}
-    total = 0.0
-    for suffix, values in losses:
-        for name, value in values.items():
+    terms, total = {}, 0.0
+    for (suffix, out, set_labels), query_for_target in zip(sets, matches, strict=True):
+        if suffix == "":
+            terms["num_matched"] = (query_for_target >= 0).sum()
+        for name, value in set_losses(out["pred_logits"], out["pred_boxes"], set_labels, boxes,
+                                      query_for_target, num_boxes, config).items():
             terms[name + suffix] = value
             total = total + weights[name] * value
     return total, terms
