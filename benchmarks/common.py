@@ -25,7 +25,7 @@ def time_interleaved(run_jax, run_torch, repeats: int) -> tuple[float, float]:
 
 def random_hf_detr(seed: int = 0, **config_kwargs):
     """HF DeformableDetrForObjectDetection with random weights, built offline, with
-    the paper's ResNet-50 C3-C5 backbone (REFERENCE.md section 4)."""
+    the paper's ResNet-50 backbone feeding C3-C5 (HF's stage2-4) to the transformer."""
     import torch
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 

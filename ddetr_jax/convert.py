@@ -498,7 +498,7 @@ def _per_layer(template: Mapping, restored) -> bool:
     if not isinstance(restored, Mapping) or not restored or any(
             str(k).isdigit() for k in template):
         return False
-    return sorted(map(str, restored)) == sorted(str(i) for i in range(len(restored)))
+    return set(map(str, restored)) == {str(i) for i in range(len(restored))}
 
 
 def main(argv=None):

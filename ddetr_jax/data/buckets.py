@@ -1,6 +1,6 @@
 """Static (H, W) buckets: which bucket holds an image, and choosing a bucket set.
 
-DESIGN.md decision 4: every image is padded bottom/right to the smallest
+Every image is padded bottom/right to the smallest
 (by area) configured bucket that holds it, so the model compiles once per
 bucket instead of once per image size, and far less is padded than with one
 max_size x max_size shape.

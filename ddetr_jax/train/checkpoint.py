@@ -1,6 +1,7 @@
 """Training checkpoints: orbax CheckpointManager, async, the latest k plus the best by AP.
 
-DESIGN.md decision 8. A checkpoint (WORKDIR/checkpoints/<iteration>/) holds
+Async saves keep the step loop running while orbax writes. A checkpoint
+(WORKDIR/checkpoints/<iteration>/) holds
   state   the TrainState (parameters, optimizer state, applied-update count)
   extra   JSON: the data iterator's state and the run's counters
   frozen  the frozen batch-norm terms (FrozenStat), when the model has them

@@ -1,7 +1,8 @@
 """A training config (ml_collections ConfigDict, configs/*.py) -> typed settings.
 
-DESIGN.md decision 9: the ConfigDict is converted once, here; everything
-below takes the typed values. The fields of a config (see train/defaults.py
+The ConfigDict is converted once, here, and everything below takes the typed
+values: a misspelt or mistyped field fails at start-up with its name, not
+deep inside a traced function. The fields of a config (see train/defaults.py
 for the defaults and their meaning):
 
     seed, global_batch_size, num_epochs, lr_drop_epochs, total_steps,
