@@ -3,7 +3,8 @@
     python train.py --config configs/quickstart.py --workdir runs/quickstart
 
 Prepares the synthetic dataset (ddetr_jax.data.synthetic) in data/ on first
-use. The model is trained from scratch (no pretrained backbone here): a
+use (data.synthetic.name names the dataset it is made as; another data.name
+must be a prepared dataset). The model is trained from scratch (no pretrained backbone here): a
 ResNet-18 with group norm, a 128-wide transformer with 2 encoder and 3
 decoder layers, box refinement and two-stage proposals (the fastest-converging
 published variant), small images; evaluated with class-wise NMS (the short
@@ -31,6 +32,7 @@ def get_config():
 
     c.data.name = "synthetic_shapes"
     c.data.data_dir = "data"
+    c.data.synthetic.name = "synthetic_shapes"  # made (or rebuilt) when data.name is this
     c.data.synthetic.train_images = 2000
     c.data.synthetic.val_images = 200
     c.data.synthetic.seed = 0

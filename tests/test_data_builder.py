@@ -70,6 +70,7 @@ def _bad_folder(root):
     rgb[5:15, 10:30] = 255
     (images / "good.jpg").write_bytes(_jpeg(rgb))
     (images / "corrupt.jpg").write_bytes(b"not an image at all")
+    (images / "empty.jpg").write_bytes(b"")
     (images / "truncated.jpg").write_bytes(_jpeg(rgb)[:200])
     (images / "wrong_size.jpg").write_bytes(_jpeg(rgb))
     Image.fromarray(rgb[..., 0]).save(images / "gray.png")
@@ -89,7 +90,8 @@ def _bad_folder(root):
     entries = [("good.jpg", 30, 40), ("missing.jpg", 30, 40), ("corrupt.jpg", 30, 40),
                ("truncated.jpg", 30, 40), ("wrong_size.jpg", 40, 40), ("gray.png", 30, 40),
                ("rgba.png", 30, 40), ("cmyk.jpg", 30, 40), ("sixteen.png", 30, 40),
-               ("exif_rotated.jpg", 40, 30), ("exif_same_size.jpg", 30, 40)]
+               ("exif_rotated.jpg", 40, 30), ("exif_same_size.jpg", 30, 40),
+               ("empty.jpg", 30, 40), ("good.jpg", 30, 40)]
     coco_images = [{"id": i + 1, "file_name": f, "height": h, "width": w}
                    for i, (f, h, w) in enumerate(entries)]
     boxes = [[10, 5, 20, 10], [1, 1, 0, 5], [1, 1, 5, -2], [30, 20, 20, 20],
@@ -101,6 +103,9 @@ def _bad_folder(root):
     annotations.append({"id": 20, "image_id": 10, "category_id": 3, "bbox": [15, 10, 10, 20],
                         "area": 200, "iscrowd": 1})
     annotations.append({"id": 21, "image_id": 3, "category_id": 3, "bbox": [1, 1, 5, 5]})
+    # Degenerate: 1e-9 px wide; 0.005 px of it inside the 40 px wide image.
+    annotations.append({"id": 22, "image_id": 1, "category_id": 3, "bbox": [10, 5, 1e-9, 5]})
+    annotations.append({"id": 23, "image_id": 1, "category_id": 3, "bbox": [39.995, 5, 10, 5]})
     coco = {"images": coco_images, "annotations": annotations,
             "categories": [{"id": 3, "name": "thing"}, {"id": 1, "name": "other"}]}
     (root / "annotations" / "instances_train.json").write_text(json.dumps(coco))
@@ -117,18 +122,24 @@ def bad_prepared(tmp_path_factory):
 
 def test_bad_input_counts_and_reasons(bad_prepared):
     _, _, report = bad_prepared
-    assert report.examples == {"train": 7}
+    assert report.examples == {"train": 8}
     by_file = {}
     for item in report.items:
         by_file.setdefault(item.file, []).append((item.action, item.reason))
-    assert report.counts("train") == {"skipped image": 4, "skipped annotation": 7,
-                                      "repaired": 6, "note": 1}
+    assert report.counts("train") == {"skipped image": 5, "skipped annotation": 9,
+                                      "repaired": 6, "note": 2}
     assert by_file["missing.jpg"] == [("skipped image", "file not found")]
-    assert by_file["corrupt.jpg"][0][1].startswith("cannot decode")
+    assert by_file["corrupt.jpg"] == [
+        ("skipped image", "cannot decode: corrupt.jpg is not an image format Pillow reads")]
+    assert by_file["empty.jpg"] == [("skipped image", "empty file (0 bytes)")]
+    assert by_file["good.jpg"] == [("note", "the same file as image id 1: kept under both, "
+                                            "as image id 13 too")]
     assert by_file["truncated.jpg"][0][1].startswith("cannot decode")
     assert "the file holds 30x40" in by_file["wrong_size.jpg"][0][1]
-    assert "zero or negative" in by_file["annotation 2"][0][1]
-    assert "zero or negative" in by_file["annotation 3"][0][1]
+    for degenerate in ("annotation 2", "annotation 3", "annotation 22"):
+        assert "width or height below 0.01 px" in by_file[degenerate][0][1], degenerate
+    assert by_file["annotation 23"][0][0] == "skipped annotation"
+    assert "less than 0.01 px of it inside" in by_file["annotation 23"][0][1]
     assert by_file["annotation 4"][0][0] == "repaired"
     assert "outside" in by_file["annotation 5"][0][1]
     assert "unknown category id 99" in by_file["annotation 6"][0][1]
@@ -148,11 +159,12 @@ def test_bad_input_examples_are_right(bad_prepared):
     root, dataset_dir, _ = bad_prepared
     source = DetectionSource(dataset_dir, "train")
     by_id = _by_id(source)
-    assert sorted(by_id) == [1, 6, 7, 8, 9, 10, 11]
+    assert sorted(by_id) == [1, 6, 7, 8, 9, 10, 11, 13]
     good = by_id[1]
     assert good["image_bytes"] == (root / "coco" / "train" / "good.jpg").read_bytes()
     np.testing.assert_allclose(good["boxes_xyxy"], [[10, 5, 30, 15], [30, 20, 40, 30]], atol=1e-4)
     assert good["labels"].tolist() == [3, 3]
+    assert by_id[13]["image_bytes"] == good["image_bytes"]
     for image_id in (6, 7, 8, 9):
         pixels = decode_image(by_id[image_id]["image_bytes"])
         assert pixels.shape == (30, 40, 3)
@@ -203,6 +215,16 @@ def test_missing_image_folder_and_bad_name(tmp_path):
         coco_builder.builder_class("Bad-Name")
 
 
+def test_cli_refuses_a_bad_name_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        prepare.main(["--coco-dir", str(tmp_path), "--name", "MyCoco", "--data-dir",
+                      str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --name: dataset name 'MyCoco' must be lower snake case" in err
+    assert "Traceback" not in err
+
+
 def test_cli_reports_and_fails_cleanly(tmp_path, capsys):
     synthetic.write_dataset(tmp_path / "coco", train_images=2, val_images=1, seed=1)
     assert prepare.main(["--coco-dir", str(tmp_path / "coco"), "--name", "tiny",
@@ -212,3 +234,33 @@ def test_cli_reports_and_fails_cleanly(tmp_path, capsys):
     assert prepare.main(["--coco-dir", str(tmp_path / "nothing"), "--name", "tiny",
                          "--data-dir", str(tmp_path / "tfds")]) == 2
     assert "no annotations/instances_<split>.json" in capsys.readouterr().err
+
+
+def test_preparing_again_reuses_refuses_or_rebuilds(tmp_path, capsys):
+    """Same source: nothing written, the saved report shown; edited annotations or a changed
+    image list: refused (exit 2) until --overwrite rebuilds it."""
+    coco = tmp_path / "coco"
+    synthetic.write_dataset(coco, train_images=2, val_images=1, seed=1)
+    args = ["--coco-dir", str(coco), "--name", "tiny", "--data-dir", str(tmp_path / "tfds"),
+            "--workers", "1"]
+    assert prepare.main(args) == 0
+    first = capsys.readouterr().out
+    assert prepare.main(args) == 0
+    again = capsys.readouterr().out
+    assert "nothing written" in again
+    assert again[again.index("train:"):] == first[first.index("train:"):]  # the same report
+    path = coco / "annotations" / "instances_train.json"
+    edited = json.loads(path.read_text())
+    edited["annotations"] = [a for a in edited["annotations"] if a["image_id"] != 1]
+    path.write_text(json.dumps(edited))
+    assert prepare.main(args) == 2
+    assert "was prepared from another source" in capsys.readouterr().err
+    assert prepare.main(args + ["--overwrite"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    dataset_dir = tmp_path / "tfds" / "tiny" / coco_builder.DATASET_VERSION
+    labels = [len(e["labels"]) for e in _by_id(DetectionSource(dataset_dir, "train")).values()]
+    assert sum(labels) == len(edited["annotations"])
+    (coco / "train" / "extra.jpg").write_bytes(b"x")  # the image list changed
+    with pytest.raises(prepare.DatasetExists, match="--overwrite"):
+        prepare.prepare(coco, "tiny", tmp_path / "tfds")
+    assert sorted(p.name for p in (tmp_path / "tfds" / "tiny").iterdir()) == ["1.0.0"]

@@ -40,7 +40,9 @@ def test_quickstart_config():
     assert s.model.backbone_norm == "group_norm" and not s.optimizer.freeze_stem
     assert s.eval_nms_iou == 0.5
     assert (s.total_steps, s.optimizer.lr_drop_step, s.optimizer.warmup_steps) == (1500, 1325, 200)
-    assert s.data.synthetic == {"train_images": 2000, "val_images": 200, "seed": 0}
+    assert s.data.synthetic == {"name": "synthetic_shapes", "train_images": 2000,
+                                "val_images": 200, "seed": 0}
+    assert s.data.name == s.data.synthetic["name"]
     assert s.eval_batch.buckets == s.train_batch.buckets == ((192, 256), (256, 192), (256, 256))
 
 
@@ -87,6 +89,7 @@ def test_cosine_schedule_ends_at_total_steps():
     ("optimizer.schedule", "linear", "optimizer.schedule: expected one of"),
     ("eval_nms_iou", 1.0, "eval_nms_iou: expected 0"),
     ("eval_nms_iou", -0.1, "eval_nms_iou: expected 0"),
+    ("data.synthetic.seed", 0, r"data.synthetic: expected the fields \['name'"),
 ])
 def test_bad_configs(field, value, message):
     c = base_config()

@@ -77,6 +77,7 @@ def make_tiny(config, data_dir, batch=8, total_steps=2):
     config's variant (levels, dilation, refinement, two-stage) unchanged."""
     config.data.name = TINY_DATA["name"]
     config.data.data_dir = str(data_dir)
+    config.data.synthetic.name = TINY_DATA["name"]
     config.data.synthetic.train_images = TINY_DATA["train_images"]
     config.data.synthetic.val_images = TINY_DATA["val_images"]
     config.data.synthetic.seed = TINY_DATA["seed"]

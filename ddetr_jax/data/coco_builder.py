@@ -28,8 +28,9 @@ Bad input has a defined outcome, recorded in a `PrepareReport` (printed by
 - malformed JSON, a JSON without `images` / `categories` lists, malformed or
   duplicate categories, a missing image folder: `CocoFormatError` naming the
   file and the problem, raised before anything is written;
-- image files that are missing, unreadable, truncated or corrupt: the image and
-  its annotations are skipped;
+- image files that are missing, empty, unreadable, truncated or corrupt: the
+  image and its annotations are skipped;
+- one file under several image ids: kept under each, with a note;
 - a stored size that differs from the JSON's width / height: skipped, unless it
   is exactly the EXIF-rotated size (the annotations were made on the rotated
   picture), in which case the rotation is applied and the image re-encoded;
@@ -40,12 +41,19 @@ Bad input has a defined outcome, recorded in a `PrepareReport` (printed by
   other formats) is converted to 8-bit RGB and re-encoded as PNG (16-bit values
   scaled by 255 / 65535; alpha dropped);
 - annotations with an unknown category id, an image id with no image, a bbox
-  that is not four finite numbers, zero or negative width or height, or no
-  overlap with the image: skipped; boxes partly outside the image: clipped.
+  that is not four finite numbers, a width or height below MIN_BOX_SIZE
+  (zero, negative or degenerate), or less than that inside the image:
+  skipped; boxes partly outside the image: clipped.
+
+The dataset records where it came from in `info.metadata["source"]`: the
+SHA-256 of every instances JSON and of the image folders' listings (file
+names and byte sizes), so that preparing a changed folder again is noticed
+(`ddetr_jax.data.prepare`).
 """
 
 import collections
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -56,7 +64,7 @@ import types
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DATASET_VERSION = "1.0.0"
 INSTANCES_PATTERN = re.compile(r"^instances_(\w+)\.json$")
@@ -64,6 +72,10 @@ PASS_THROUGH_FORMATS = ("JPEG", "PNG")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 EXIF_ORIENTATION_TAG = 0x0112
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
+# Boxes narrower or lower than this (pixels) are degenerate and skipped, as the authors'
+# transforms drop boxes without area: they cover no pixel, and normalised to a large
+# image in float32 their width would round to zero.
+MIN_BOX_SIZE = 0.01
 
 
 class CocoFormatError(ValueError):
@@ -90,6 +102,18 @@ class PrepareReport:
 
     examples: dict = dataclasses.field(default_factory=dict)  # split -> count
     items: list = dataclasses.field(default_factory=list)  # [ReportItem]
+    reused: bool = False  # True: nothing written, the report of an earlier preparation
+
+    def save(self, path):
+        """Writes the report as JSON (read back by `load`)."""
+        pathlib.Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path):
+        """A saved report, marked reused."""
+        saved = json.loads(pathlib.Path(path).read_text())
+        return cls(saved["examples"], [ReportItem(**item) for item in saved["items"]],
+                   reused=True)
 
     def add(self, split, file, action, reason):
         self.items.append(ReportItem(split, str(file), action, reason))
@@ -121,6 +145,20 @@ def find_splits(coco_dir):
     if not splits:
         raise CocoFormatError(f"{annotation_dir}: no annotations/instances_<split>.json files")
     return splits
+
+
+def source_fingerprint(coco_dir, splits):
+    """SHA-256 (hex) of every split's instances JSON bytes and image folder listing
+    (relative file names and byte sizes, sorted); splits: {split: JSON path}."""
+    digest = hashlib.sha256()
+    for split, path in sorted(splits.items()):
+        digest.update(f"split {split}\n".encode())
+        digest.update(pathlib.Path(path).read_bytes())
+        folder = pathlib.Path(coco_dir) / split
+        for file in sorted(f for f in folder.rglob("*") if f.is_file()):
+            digest.update(f"{file.relative_to(folder).as_posix()} {file.stat().st_size}\n"
+                          .encode())
+    return digest.hexdigest()
 
 
 def read_instances(path):
@@ -180,8 +218,8 @@ def _is_number(value):
 def index_images(coco, split, report):
     """{image id: image entry} of the usable entries (an int id, a string
     file_name, and if given positive integer width and height); the others and
-    repeated ids are reported as skipped."""
-    images = {}
+    repeated ids are reported as skipped, a file used by several ids is noted."""
+    images, id_of_file = {}, {}
     for entry in coco["images"]:
         file_name = entry.get("file_name") if isinstance(entry, dict) else None
         image_id = entry.get("id") if isinstance(entry, dict) else None
@@ -197,13 +235,17 @@ def index_images(coco, split, report):
             report.add(split, file_name, "skipped image", f"duplicate image id {image_id}")
         else:
             images[image_id] = entry
+            first = id_of_file.setdefault(file_name, image_id)
+            if first != image_id:
+                report.add(split, file_name, "note", f"the same file as image id {first}: "
+                           f"kept under both, as image id {image_id} too")
     return images
 
 
 def group_annotations(coco, images, category_ids, split, report):
     """{image id: [annotation]} of the annotations whose image exists, whose
-    category is known and whose bbox is four finite numbers with positive width
-    and height; the others are reported as skipped."""
+    category is known and whose bbox is four finite numbers with width and height
+    of at least MIN_BOX_SIZE; the others are reported as skipped."""
     grouped = collections.defaultdict(list)
     for annotation in coco["annotations"]:
         if not isinstance(annotation, dict):
@@ -219,9 +261,10 @@ def group_annotations(coco, images, category_ids, split, report):
                        f"unknown category id {annotation.get('category_id')!r}")
         elif not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
             report.add(split, name, "skipped annotation", f"malformed bbox {bbox!r}")
-        elif bbox[2] <= 0 or bbox[3] <= 0:
+        elif bbox[2] < MIN_BOX_SIZE or bbox[3] < MIN_BOX_SIZE:
             report.add(split, name, "skipped annotation",
-                       f"bbox {bbox} has zero or negative width or height")
+                       f"bbox {bbox}: width or height below {MIN_BOX_SIZE} px (zero, negative "
+                       "or degenerate)")
         else:
             grouped[annotation["image_id"]].append(annotation)
     return grouped
@@ -229,10 +272,10 @@ def group_annotations(coco, images, category_ids, split, report):
 
 def clip_box(bbox, height, width):
     """COCO [x, y, w, h] clipped to the image: (x0, y0, x1, y1) floats, or None
-    if nothing of the box is inside."""
+    if less than MIN_BOX_SIZE of its width or height is inside."""
     x0, y0 = max(bbox[0], 0.0), max(bbox[1], 0.0)
     x1, y1 = min(bbox[0] + bbox[2], width), min(bbox[1] + bbox[3], height)
-    if x1 <= x0 or y1 <= y0:
+    if x1 - x0 < MIN_BOX_SIZE or y1 - y0 < MIN_BOX_SIZE:
         return None
     return float(x0), float(y0), float(x1), float(y1)
 
@@ -268,6 +311,8 @@ def load_image(path, json_height, json_width):
     if not path.is_file():
         raise SkipImage("file not found")
     data = path.read_bytes()
+    if not data:
+        raise SkipImage("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -297,6 +342,9 @@ def load_image(path, json_height, json_width):
             return _png_bytes(rgb), (rgb.height, rgb.width), notes
     except SkipImage:
         raise
+    except UnidentifiedImageError as error:
+        raise SkipImage(f"cannot decode: {path.name} is not an image format Pillow reads") \
+            from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise SkipImage(f"cannot decode: {error}") from error
 
@@ -320,7 +368,8 @@ def make_objects(annotations, height, width, label_of, split, report):
         clipped = clip_box(annotation["bbox"], height, width)
         if clipped is None:
             report.add(split, name, "skipped annotation",
-                       f"bbox {annotation['bbox']} lies outside the {height}x{width} image")
+                       f"bbox {annotation['bbox']} lies outside the {height}x{width} image "
+                       f"(or less than {MIN_BOX_SIZE} px of it inside)")
             continue
         x0, y0, x1, y1 = clipped
         x, y, w, h = annotation["bbox"]
@@ -366,20 +415,21 @@ class CocoFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     RELEASE_NOTES = {DATASET_VERSION: "COCO-format folder prepared by ddetr_jax."}
     url_infos = None  # nothing is downloaded, so TFDS need not look for checksum files
 
-    def __init__(self, *, coco_dir, workers=1, **kwargs):
+    def __init__(self, *, coco_dir, workers=1, extra_metadata=None, **kwargs):
         """Reads and checks every instances JSON (raises CocoFormatError) before
-        TFDS writes anything."""
+        TFDS writes anything. extra_metadata: more info.metadata entries."""
         self.coco_dir = pathlib.Path(coco_dir)
         self.workers = workers
         self.report = PrepareReport()
-        self.instances = {split: read_instances(path)
-                          for split, path in find_splits(self.coco_dir).items()}
+        splits = find_splits(self.coco_dir)
+        self.instances = {split: read_instances(path) for split, path in splits.items()}
         for split in self.instances:
             if not (self.coco_dir / split).is_dir():
                 raise CocoFormatError(f"{self.coco_dir / split}: image folder of split "
                                       f"'{split}' not found")
-        paths = {find_splits(self.coco_dir)[split]: coco for split, coco in self.instances.items()}
-        self.categories = merge_categories(paths)
+        self.categories = merge_categories({splits[s]: coco for s, coco in self.instances.items()})
+        self.source = {"sha256": source_fingerprint(self.coco_dir, splits)}
+        self.extra_metadata = dict(extra_metadata or {})
         super().__init__(**kwargs)
 
     def _info(self):
@@ -387,7 +437,8 @@ class CocoFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             builder=self,
             description=f"COCO-format folder {self.coco_dir.name} prepared by ddetr_jax.",
             features=features([c["name"] for c in self.categories]),
-            metadata=tfds.core.MetadataDict(categories=self.categories),
+            metadata=tfds.core.MetadataDict(categories=self.categories, source=self.source,
+                                            **self.extra_metadata),
         )
 
     def _split_generators(self, dl_manager):
@@ -435,10 +486,17 @@ class CocoFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             yield from pool.imap(_load_image_job, jobs, chunksize=16)
 
 
+def check_name(name):
+    """`name` if it is a valid TFDS dataset name (lower snake case), else ValueError."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"dataset name {name!r} must be lower snake case ([a-z][a-z0-9_]*, "
+                         "as TFDS requires), e.g. 'my_set'")
+    return name
+
+
 def builder_class(name):
     """A CocoFolderBuilder subclass whose TFDS name is `name` (lower snake case)."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ValueError(f"dataset name {name!r} must be lower snake case ([a-z][a-z0-9_]*)")
+    check_name(name)
     class_name = "".join(part.title() for part in name.split("_")) or "Dataset"
     return types.new_class(class_name, (CocoFolderBuilder,), {"skip_registration": True},
                            lambda namespace: namespace.update(name=name, __module__=__name__))

@@ -47,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = "~/tensorflow_datasets"
     c.data.train_split = "train"
     c.data.eval_split = "validation"
-    c.data.synthetic = ml_collections.ConfigDict()  # empty: not synthetic (see quickstart.py)
+    # empty: no synthetic data; else {name, train_images, val_images, seed}: the synthetic
+    # dataset made when data.name is that name (see quickstart.py, data/catalog.py)
+    c.data.synthetic = ml_collections.ConfigDict()
     c.data.buckets = PUBLISHED_BUCKETS
     c.data.eval_buckets = PUBLISHED_EVAL_BUCKETS  # empty: the training buckets
     c.data.max_targets = 100

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ddetr_jax.data.catalog import SYNTHETIC_FIELDS
 from ddetr_jax.data.pipeline import BatchConfig
 from ddetr_jax.data.transforms import TransformConfig
 from ddetr_jax.losses import LossConfig
@@ -42,7 +43,7 @@ class DataSettings:
     data_dir: str
     train_split: str
     eval_split: str
-    synthetic: dict | None  # {train_images, val_images, seed}: prepare if missing
+    synthetic: dict | None  # {name, train_images, val_images, seed}: made when name == .name
     num_workers: int
     num_threads: int
     prefetch: int
@@ -123,9 +124,21 @@ def batch_configs(config, process_count: int) -> tuple[BatchConfig, BatchConfig]
             BatchConfig(eval_batch, eval_buckets, max_targets, transform))
 
 
+def synthetic_settings(data) -> dict | None:
+    """config.data.synthetic checked: None (empty) or {name, train_images, val_images, seed}."""
+    if not data.get("synthetic"):
+        return None
+    values = dict(data.synthetic)
+    fields = ("name", *SYNTHETIC_FIELDS)
+    if set(values) != set(fields):
+        raise ValueError(f"config.data.synthetic: expected the fields {list(fields)} (name: the "
+                         f"data.name under which it is made), got {sorted(values)}")
+    return {"name": str(values["name"]), **{k: int(values[k]) for k in SYNTHETIC_FIELDS}}
+
+
 def data_settings(config) -> DataSettings:
     d = config.data
-    synthetic = dict(d.synthetic) if d.get("synthetic") else None
+    synthetic = synthetic_settings(d)
     return DataSettings(str(d.name), str(d.data_dir), str(d.train_split), str(d.eval_split),
                         synthetic, int(d.num_workers), int(d.num_threads), int(d.prefetch))
 
