@@ -214,3 +214,39 @@ def test_choose_buckets_can_split_the_bucket_that_holds_everything():
     sizes = np.concatenate([np.stack([short[:200], long[:200]], 1),
                             np.stack([long[200:], short[200:]], 1)])
     assert bucket_lib.choose_buckets(sizes, 2).tolist() == [[832, 1344], [1344, 832]]
+
+
+class _Relabelled:
+    """`source` with every label shifted by `shift` (its category list unchanged)."""
+
+    def __init__(self, source, shift):
+        self.source, self.shift, self.category_ids = source, shift, source.category_ids
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        element = dict(self.source[index])
+        element["labels"] = element["labels"] + self.shift
+        return element
+
+
+def test_labels_the_model_cannot_predict_are_refused(data):
+    """Category ids >= num_classes: refused when the dataset is opened, naming the ids and
+    the num_classes needed; a label outside [0, num_classes) in a batch: an error naming the
+    image, never an unmatched target."""
+    _, sources, sizes = data
+    small = pipeline.BatchConfig(4, BUCKETS, 6, CONFIG.transform, num_classes=8)
+    with pytest.raises(ValueError, match=r"category ids \[8\] lie outside \[0, model.num_classes"
+                                         r"=8\).*largest id is 8.*num_classes=9"):
+        pipeline.train_dataset(sources["train"], small, seed=0, num_epochs=1,
+                               sizes=sizes["train"])
+    with pytest.raises(ValueError, match="num_classes=9"):
+        pipeline.eval_dataset(sources["validation"], small, sizes=sizes["validation"])
+    enough = pipeline.BatchConfig(4, BUCKETS, 6, CONFIG.transform, num_classes=9)
+    shifted = _Relabelled(sources["validation"], 100)
+    with pytest.raises(ValueError, match=r"image (\d+): label 10[1-8] lies outside "
+                                         r"\[0, model.num_classes=9\)") as error:
+        list(pipeline.eval_dataset(shifted, enough, sizes=sizes["validation"], num_threads=1))
+    image_id = int(error.value.args[0].split(":")[0].split()[1])
+    assert image_id in {sources["validation"][i]["image_id"] for i in range(len(shifted))}

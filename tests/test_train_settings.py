@@ -43,6 +43,7 @@ def test_quickstart_config():
     assert s.data.synthetic == {"name": "synthetic_shapes", "train_images": 2000,
                                 "val_images": 200, "seed": 0}
     assert s.data.name == s.data.synthetic["name"]
+    assert s.train_batch.num_classes == s.eval_batch.num_classes == 9  # labels checked
     assert s.eval_batch.buckets == s.train_batch.buckets == ((192, 256), (256, 192), (256, 256))
 
 

@@ -6,7 +6,8 @@ T = max_targets, (H, W) = the batch's bucket):
     images        (B, H, W, 3) float32, ImageNet-normalised
     pad_mask      (B, H, W) bool, True on padding (bottom / right)
     boxes_cxcywh  (B, T, 4) float32, normalised to the unpadded resized image
-    labels        (B, T) int32, COCO category ids (num_classes = max id + 1)
+    labels        (B, T) int32, COCO category ids, in [0, num_classes) when the
+                  BatchConfig has num_classes (else ValueError naming the image)
     target_valid  (B, T) bool
     image_id      (B,) int64
     orig_size     (B, 2) int32, (height, width) of the original image
@@ -51,12 +52,35 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class BatchConfig:
-    """What shapes a batch: global batch size, buckets, targets, transforms."""
+    """What shapes a batch: global batch size, buckets, targets, transforms, and the
+    model's num_classes that every label must be below (None: not checked)."""
 
     global_batch_size: int
     buckets: tuple  # ((height, width), ...)
     max_targets: int = 100
     transform: transforms.TransformConfig = transforms.TransformConfig()
+    num_classes: int | None = None
+
+
+def check_category_ids(source, num_classes):
+    """Raises ValueError if a category id of `source` (its `category_ids`) is outside
+    [0, num_classes): the model could neither learn nor predict that category."""
+    ids = np.asarray(source.category_ids)
+    outside = sorted({int(i) for i in ids if not 0 <= i < num_classes})
+    if outside:
+        raise ValueError(
+            f"{source}: category ids {outside} lie outside [0, model.num_classes="
+            f"{num_classes}) (the dataset's largest id is {int(ids.max())}); its objects "
+            f"would never be matched. Set --config.model.num_classes={int(ids.max()) + 1}")
+
+
+def check_labels(labels, num_classes, image_id):
+    """Raises ValueError naming the image if a label is outside [0, num_classes)."""
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.size:
+        raise ValueError(f"image {image_id}: label {int(outside[0])} lies outside "
+                         f"[0, model.num_classes={num_classes}); its object would never be "
+                         "matched")
 
 
 def read_sizes(source, num_threads=16):
@@ -207,6 +231,8 @@ class BatchLoader:
                             "(%d such images in this process so far)", element["image_id"], n,
                             self.config.max_targets, self.truncated_images)
             n = self.config.max_targets
+        if self.config.num_classes is not None:
+            check_labels(out["labels"], self.config.num_classes, element["image_id"])
         batch["boxes_cxcywh"][row, :n] = out["boxes_cxcywh"][:n]
         batch["labels"][row, :n] = out["labels"][:n]
         batch["target_valid"][row, :n] = True
@@ -234,6 +260,8 @@ def train_dataset(source, config, *, seed, num_epochs, sizes=None, process_index
                   process_count=1, num_workers=0, num_threads=2, prefetch=2):
     """Training batches of this process, num_epochs * steps_per_epoch of them:
     an IterDataset whose iterator has get_state() / set_state()."""
+    if config.num_classes is not None:
+        check_category_ids(source, config.num_classes)
     sizes = read_sizes(source) if sizes is None else sizes
     steps = TrainSteps(sizes, config, seed, num_epochs, process_index, process_count)
     dataset = grain.MapDataset.source(steps).map(BatchLoader(source, sizes, config, seed))
@@ -244,6 +272,8 @@ def eval_dataset(source, config, *, sizes=None, process_index=0, process_count=1
                  num_workers=0, num_threads=2, prefetch=2):
     """Evaluation batches of this process; over all processes every example
     appears exactly once with example_valid True."""
+    if config.num_classes is not None:
+        check_category_ids(source, config.num_classes)
     sizes = read_sizes(source) if sizes is None else sizes
     items = [(None, bucket, process_slice(indices, process_index, process_count))
              for bucket, indices in eval_plan(sizes, config)]

@@ -120,8 +120,9 @@ def batch_configs(config, process_count: int) -> tuple[BatchConfig, BatchConfig]
             raise ValueError(f"config.{name}={value} cannot be split evenly over "
                              f"{process_count} processes")
     max_targets = _positive("data.max_targets", config.data.max_targets)
-    return (BatchConfig(batch, buckets, max_targets, transform),
-            BatchConfig(eval_batch, eval_buckets, max_targets, transform))
+    num_classes = _positive("model.num_classes", config.model.num_classes)
+    return (BatchConfig(batch, buckets, max_targets, transform, num_classes),
+            BatchConfig(eval_batch, eval_buckets, max_targets, transform, num_classes))
 
 
 def synthetic_settings(data) -> dict | None:
