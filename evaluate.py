@@ -1,11 +1,14 @@
 """Evaluates a checkpoint with COCO metrics:
 
-    python evaluate.py --config configs/X.py --checkpoint PATH --output DIR [--split validation]
+    python evaluate.py [--config configs/X.py] --checkpoint PATH --output DIR [--split validation]
 
 PATH: a training workdir (--which latest or best), one of its
 checkpoints/STEP folders, a converted checkpoint directory
 (python -m ddetr_jax.convert), or an authors' .pth / HuggingFace weights file
-or directory (converted on the fly). Writes DIR/metrics.json, DIR/results.json
+or directory (converted on the fly). A training workdir brings its config
+(WORKDIR/config.json: the model and the dataset it was trained on); --config
+is then optional, and refused if its data section contradicts the run's.
+Writes DIR/metrics.json, DIR/results.json
 and, with --draw N, N images with their detections in DIR/images/.
 """
 
@@ -16,7 +19,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the config the model was trained "
-                                          "with (model and dataset)", lock_config=True)
+                                          "with (model and dataset); default for a training "
+                                          "workdir: its config.json", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "what to evaluate (see above)")
 _OUTPUT = flags.DEFINE_string("output", None, "where metrics.json and results.json go")
 _SPLIT = flags.DEFINE_string("split", None, "dataset split (default: config.data.eval_split)")
@@ -28,7 +32,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "multi-host: HOST:PORT of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
-flags.mark_flags_as_required(["config", "checkpoint", "output"])
+flags.mark_flags_as_required(["checkpoint", "output"])
 
 
 def main(argv):

@@ -7,7 +7,8 @@
     plot_attention("image.jpg", attention)           # needs matplotlib
 
 Images are resized as in the authors' validation transform (shorter side
-800, longer side at most 1333), normalised with the ImageNet statistics and
+800, longer side at most 1333; a training workdir's own val_scale / max_size),
+normalised with the ImageNet statistics and
 padded bottom/right to a size bucket (multiples of 128 by default), so a new
 image size compiles only when it falls into a bucket (and batch size) not
 seen before.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Mapping, Sequence
 
@@ -35,6 +37,7 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -116,6 +119,31 @@ def load_model(path, defaults=None, **model_overrides) -> DeformableDETR:
     kinds = "\n  ".join(kind for kind, _, _ in CHECKPOINT_KINDS)
     raise CheckpointMismatch(f"checkpoint: {path} is none of the kinds this package reads:"
                              f"\n  {kinds}")
+
+
+def workdir_defaults(path) -> dict:
+    """Detector keyword arguments a training workdir (or one of its checkpoints/STEP
+    folders) implies: shorter_side / longer_side, its config's validation resize
+    (data.val_scale, data.max_size), and class_names, its dataset's category names
+    (left out, with a warning, if the dataset is not found). {} for other kinds."""
+    import tensorflow_datasets as tfds
+
+    from ddetr_jax.data.source import categories_of, latest_version_dir
+    from ddetr_jax.train import run_config
+    from ddetr_jax.train.workdir import split_workdir_path
+    found = split_workdir_path(path)
+    if found is None:
+        return {}
+    data = run_config.load(found[0]).data
+    defaults = {"shorter_side": int(data.val_scale), "longer_side": int(data.max_size)}
+    try:
+        info = tfds.builder_from_directory(str(latest_version_dir(data.data_dir, data.name))).info
+    except FileNotFoundError as error:
+        log.warning("class names: the run's dataset %r is not found (%s); detections are "
+                    "labelled with their category ids", data.name, error)
+        return defaults
+    defaults["class_names"] = {c["id"]: c["name"] for c in categories_of(info)}
+    return defaults
 
 
 # ----------------------------------------------------------------------------- images
@@ -230,9 +258,14 @@ class Detector:
     @classmethod
     def from_checkpoint(cls, path, class_names=None, *, model_overrides: Mapping | None = None,
                         **detector_kwargs) -> "Detector":
-        """A Detector for any checkpoint kind load_model reads."""
-        return cls(load_model(path, **dict(model_overrides or {})), class_names,
-                   **detector_kwargs)
+        """A Detector for any checkpoint kind load_model reads; a training workdir also
+        sets the resize and the class names (workdir_defaults) unless given here."""
+        model = load_model(path, **dict(model_overrides or {}))
+        defaults = workdir_defaults(path)
+        if class_names is None:
+            class_names = defaults.pop("class_names", None)
+        defaults.pop("class_names", None)
+        return cls(model, class_names, **{**defaults, **detector_kwargs})
 
     def _count_trace(self):
         self.compilations += 1

@@ -3,15 +3,17 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ddetr_jax.convert import CheckpointMismatch
 from ddetr_jax.evaluation.coco import METRICS
+from ddetr_jax.evaluation.run import config_for_checkpoint as evaluate_checkpoint_config
 from ddetr_jax.evaluation.run import evaluate_checkpoint
 from ddetr_jax.inference import Detector
-from ddetr_jax.train import loop
+from ddetr_jax.train import loop, run_config
 from ddetr_jax.train.workdir import load_workdir_model
 from tests.train_fixtures import TINY_DATA, load_config, make_tiny, prepare_tiny_data
 
@@ -37,11 +39,15 @@ def _eval_records(workdir):
 
 
 def test_workdir_evaluation_equals_the_training_evaluation(trained, tmp_path):
+    """Without a config: the workdir's own (its data, model and NMS); metrics.json names
+    the dataset it read."""
     config, workdir = trained
-    metrics = evaluate_checkpoint(config, workdir, tmp_path, num_draw=2, score_threshold=0.0)
+    metrics = evaluate_checkpoint(None, workdir, tmp_path, num_draw=2, score_threshold=0.0)
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert set(METRICS) | {"per_class"} <= set(written)
     assert written["step"] == 3 and written["num_images"] == TINY_DATA["val_images"]
+    assert (written["dataset"], written["split"]) == (TINY_DATA["name"], "validation")
+    assert written["dataset_dir"] == str(Path(config.data.data_dir) / TINY_DATA["name"] / "1.0.0")
     during_training = _eval_records(workdir)[3]
     for name in METRICS:
         assert written[name] == pytest.approx(during_training[f"eval/{name}"], abs=1e-12), name
@@ -105,11 +111,40 @@ def test_best_checkpoint_and_step_folders(trained, tmp_path):
 
 
 def test_detector_reads_a_workdir(trained):
-    _, workdir = trained
-    detector = Detector.from_checkpoint(workdir, shorter_side=48, longer_side=60,
-                                        size_multiple=64)
+    """The run's validation resize and its dataset's class names, not 800 / 1333 and ids."""
+    config, workdir = trained
+    detector = Detector.from_checkpoint(workdir, size_multiple=64)
+    assert (detector.shorter_side, detector.longer_side) == (config.data.val_scale,
+                                                             config.data.max_size) == (48, 60)
+    assert detector.class_names == {1: "ellipse", 2: "rectangle", 3: "triangle", 5: "cross",
+                                    7: "star", 8: "ring"}
     prediction = detector.predict(np.zeros((50, 70, 3), np.uint8), score_threshold=0.0)
     assert prediction["boxes_xyxy"].shape == (100, 4)
+    assert set(prediction["class_names"]) <= set(detector.class_names.values()) | {
+        str(i) for i in range(9) if i not in detector.class_names}
+    assert Detector.from_checkpoint(workdir, {1: "one"}, shorter_side=32).class_names == {
+        1: "one"}
+
+
+def test_a_config_with_other_data_than_the_run_is_refused(trained, tmp_path):
+    """Another dataset or other synthetic parameters than the run's: every field listed
+    before anything is loaded; a moved data_dir is not a contradiction."""
+    config, workdir = trained
+    other = config.copy_and_resolve_references()
+    other.data.name = other.data.synthetic.name = "synthetic_shapes"
+    other.data.synthetic.train_images = 2000
+    with pytest.raises(run_config.ConfigMismatch) as error:
+        evaluate_checkpoint(other, workdir / "checkpoints" / "2", tmp_path)
+    message = str(error.value)
+    for line in ("data.name: saved 'tiny_shapes', now 'synthetic_shapes'",
+                 "data.synthetic.name: saved 'tiny_shapes', now 'synthetic_shapes'",
+                 "data.synthetic.train_images: saved 24, now 2000", "Leave out --config"):
+        assert line in message
+    moved = config.copy_and_resolve_references()
+    moved.data.data_dir = str(tmp_path / "elsewhere")
+    assert evaluate_checkpoint_config(moved, workdir) is moved
+    with pytest.raises(ValueError, match="give --config"):
+        evaluate_checkpoint(None, tmp_path / "missing.pth", tmp_path / "out")
 
 
 def test_config_that_contradicts_the_checkpoint(trained, tmp_path):
@@ -133,8 +168,9 @@ def test_bad_inputs_are_named(trained, tmp_path):
         evaluate_checkpoint(config, empty, tmp_path / "out")
     moved = config.copy_and_resolve_references()
     moved.data.data_dir = str(tmp_path / "no_data")
-    moved.data.synthetic = {}
-    with pytest.raises(FileNotFoundError, match="dataset 'tiny_shapes' not found"):
+    moved.data.synthetic = {}  # the run's dataset was synthetic: a contradiction
+    with pytest.raises(run_config.ConfigMismatch, match="data.synthetic.name: saved "
+                                                        "'tiny_shapes', now '<absent>'"):
         evaluate_checkpoint(moved, workdir, tmp_path / "out")
 
 

@@ -2,9 +2,12 @@
 
     metrics = evaluate_checkpoint(config, "runs/quickstart", "eval/quickstart")
 
+A training workdir brings its config (config_for_checkpoint): config None
+evaluates with it, and a config that contradicts its data section is refused.
 Writes OUTPUT/metrics.json ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1",
 "AR10", "AR100", "per_class", plus "num_images", "checkpoint", "step",
-"split"), OUTPUT/results.json (COCO results format) and, if asked,
+"dataset" (the name), "dataset_dir" (the version folder read), "split"),
+OUTPUT/results.json (COCO results format) and, if asked,
 OUTPUT/images/<image_id>.png with the detections drawn.
 """
 
@@ -27,6 +30,7 @@ from ddetr_jax.evaluation.loop import evaluate_model, ground_truth_from_source, 
 from ddetr_jax.inference import draw_prediction, load_model
 from ddetr_jax.models import ModelConfig
 from ddetr_jax.postprocess import NUM_TOP
+from ddetr_jax.train import run_config
 from ddetr_jax.train import settings as settings_lib
 from ddetr_jax.train.step import data_mesh, split_model
 from ddetr_jax.train.workdir import load_workdir_model, split_workdir_path
@@ -57,6 +61,33 @@ def load_for_config(checkpoint, expected: ModelConfig, which: str = "latest"):
     return model, step
 
 
+def config_for_checkpoint(config, checkpoint):
+    """The config to evaluate `checkpoint` with.
+
+    A training workdir (or one of its checkpoints/STEP folders) brings its own,
+    WORKDIR/config.json: returned when `config` is None; a `config` whose data
+    section contradicts it (another dataset, split, synthetic parameters,
+    resize...; not data_dir or loading fields) raises ConfigMismatch listing each
+    field. Its model section is checked against the checkpoint by load_for_config.
+    """
+    found = split_workdir_path(checkpoint)
+    if found is None:
+        if config is None:
+            raise ValueError(f"checkpoint {checkpoint} is not a training workdir, which "
+                             "would bring its config: give --config (model and dataset)")
+        return config
+    saved = run_config.load(found[0])
+    if config is None:
+        return saved
+    diffs = run_config.data_differences(config, saved)
+    if diffs:
+        raise run_config.ConfigMismatch(
+            f"the config contradicts the data of the run it evaluates "
+            f"({found[0] / 'config.json'}):\n  " + "\n  ".join(diffs) +
+            "\nLeave out --config to evaluate with the run's own config, or pass its values.")
+    return config
+
+
 def _drawn_image(batch, row, detections, names, threshold):
     """The resized, unpadded image of one batch row with its detections (resized pixels)."""
     h, w = (int(v) for v in batch["size"][row])
@@ -75,7 +106,9 @@ def evaluate_checkpoint(config, checkpoint, output, *, split: str | None = None,
                         which: str = "latest", num_draw: int = 0,
                         score_threshold: float = 0.5) -> dict:
     """COCO metrics of `checkpoint` on `split` (default config.data.eval_split) of
-    the config's dataset; writes OUTPUT (see the module doc). Returns the metrics."""
+    the config's dataset (config None: a training workdir's own, see
+    config_for_checkpoint); writes OUTPUT (see the module doc). Returns the metrics."""
+    config = config_for_checkpoint(config, checkpoint)
     expected = settings_lib.model_config(config)
     data = settings_lib.data_settings(config)
     _, eval_batch = settings_lib.batch_configs(config, jax.process_count())
@@ -111,7 +144,8 @@ def evaluate_checkpoint(config, checkpoint, output, *, split: str | None = None,
                              else None)
     record = {k: metrics[k] for k in METRICS}
     record.update(per_class=metrics["per_class"], num_images=metrics["num_images"],
-                  checkpoint=str(checkpoint), step=step, split=source.split)
+                  checkpoint=str(checkpoint), step=step, dataset=data.name,
+                  dataset_dir=source.dataset_dir, split=source.split)
     if jax.process_index() == 0:
         (output / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
         print(format_metrics(metrics), flush=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+import ml_collections
+
 MAY_CHANGE = frozenset({
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "max_consecutive_nonfinite", "eval_batch_size", "data.num_workers", "data.num_threads",
@@ -42,6 +44,21 @@ def differences(saved: dict, new: dict) -> list[str]:
             out.append(f"{key}: saved {old.get(key, '<absent>')!r}, now "
                        f"{cur.get(key, '<absent>')!r}")
     return out
+
+
+def load(workdir):
+    """WORKDIR/config.json as a ConfigDict (tuples read back as lists)."""
+    path = pathlib.Path(workdir) / "config.json"
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read the run's config: {error}") from error
+
+
+def data_differences(config, saved) -> list[str]:
+    """differences() of the data sections only: what would make an evaluation read
+    another dataset, or the same one otherwise, than the run's."""
+    return differences({"data": as_json(saved)["data"]}, {"data": as_json(config)["data"]})
 
 
 def as_json(config) -> dict:
