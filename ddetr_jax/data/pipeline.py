@@ -70,7 +70,7 @@ def check_category_ids(source, num_classes):
     if outside:
         raise ValueError(
             f"{source}: category ids {outside} lie outside [0, model.num_classes="
-            f"{num_classes}) (the dataset's largest id is {int(ids.max())}); its objects "
+            f"{num_classes}) (the dataset's largest id is {int(ids.max())}); their objects "
             f"would never be matched. Set --config.model.num_classes={int(ids.max()) + 1}")
 
 
