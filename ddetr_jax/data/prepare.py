@@ -75,8 +75,10 @@ def prepare(coco_dir, name, data_dir, workers=1, *, overwrite=False, metadata=No
         differing = _differing(recorded_metadata(target), wanted)
     except Exception as error:  # whatever makes it unreadable, it is not this source's
         differing = [f"unreadable ({type(error).__name__}: {error})"]
-    if not differing and (target / REPORT_FILE).is_file():
-        return str(target), coco_builder.PrepareReport.load(target / REPORT_FILE)
+    if not differing:
+        saved = target / REPORT_FILE
+        return str(target), (coco_builder.PrepareReport.load(saved) if saved.is_file()
+                             else coco_builder.PrepareReport(reused=True))
     if not overwrite:
         raise DatasetExists(
             f"{target} was prepared from another source (differing: {', '.join(differing)}; "
