@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ddetr_jax.train import loop
-from ddetr_jax.train.checkpoint import Checkpoints
+from ddetr_jax.train.checkpoint import Checkpoints, SaveFailed
 from ddetr_jax.train.run_config import ConfigMismatch
 from tests.test_train_settings import CONFIGS
 from tests.train_fixtures import TINY_DATA, load_config, make_tiny, prepare_tiny_data
@@ -88,3 +88,47 @@ def test_missing_dataset_is_named(tmp_path):
     config.data.data_dir = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="dataset 'coco/2017' not found"):
         loop.train(config, tmp_path / "run")
+
+
+def _stub_trainer(config, workdir):
+    """A Trainer whose step leaves the state as it is: the loop without compilation."""
+    trainer = loop.Trainer(config, workdir)
+    trainer.step_fn = lambda state, batch, rng: (state, {"loss": np.float32(1.0),
+                                                         "nonfinite": np.bool_(False)})
+    return trainer
+
+
+def test_restart_from_step_0_writes_each_step_once(data_dir, tmp_path):
+    """An earlier attempt logged steps 1-4 but kept no checkpoint: its records move aside."""
+    config = make_tiny(load_config("configs/quickstart.py"), data_dir, total_steps=2)
+    config.eval_every_steps = 0
+    earlier = [{"step": step, "train/loss": 9.0} for step in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier))
+    trainer = _stub_trainer(config, tmp_path)
+    trainer.evaluate = lambda iteration, writer: None  # no evaluation: no compilation
+    trainer.run()
+    assert [(r["step"], r["train/loss"]) for r in _records(tmp_path)] == [(1, 1.0), (2, 1.0)]
+    moved = (tmp_path / "metrics.jsonl.replaced-0").read_text().splitlines()
+    assert [json.loads(line) for line in moved] == earlier
+
+
+def test_failed_save_stops_the_run_at_once(data_dir, tmp_path, monkeypatch):
+    """The loop asks every step whether a background save failed and stops then."""
+    config = make_tiny(load_config("configs/quickstart.py"), data_dir, total_steps=6)
+    config.checkpoint_every_steps = 2
+    trainer = _stub_trainer(config, tmp_path)
+    started, save = [], trainer.checkpoints.save
+
+    def recording_save(iteration, *args, **kwargs):
+        started.append(iteration)
+        save(iteration, *args, **kwargs)
+
+    def check_saves():
+        if 4 in started:  # the save of step 4 failed in its background thread
+            raise SaveFailed("could not write the checkpoint of step 4")
+
+    monkeypatch.setattr(trainer.checkpoints, "save", recording_save)
+    monkeypatch.setattr(trainer.checkpoints, "check_saves", check_saves)
+    with pytest.raises(SaveFailed, match="step 4"):
+        trainer.run()
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4]  # not one step more

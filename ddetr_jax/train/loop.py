@@ -10,6 +10,12 @@ update count). SIGTERM or SIGINT saves a checkpoint at the next step
 boundary, then exits. Non-finite steps leave the state unchanged (the step
 skips them); after max_consecutive_nonfinite of them in a row the run stops
 with RuntimeError, its checkpoints untouched.
+
+Faults: a second run on a workdir in use stops with WorkdirBusy (see
+workdir_lock.py); a checkpoint that does not restore completely is set aside
+and the run resumes from the newest one that does (CorruptCheckpoint if none
+does, nothing moved); the first checkpoint save that fails stops the run with
+SaveFailed (checked every step, so no work goes on unsaved).
 """
 
 from __future__ import annotations
@@ -34,11 +40,12 @@ from ddetr_jax.models import DeformableDETR
 from ddetr_jax.models.backbone import FrozenStat
 from ddetr_jax.postprocess import NUM_TOP
 from ddetr_jax.train import run_config, settings as settings_lib
-from ddetr_jax.train.checkpoint import Checkpoints
+from ddetr_jax.train.checkpoint import Checkpoints, CorruptCheckpoint, SaveFailed
 from ddetr_jax.train.metrics import IntervalMean, MetricsWriter
 from ddetr_jax.train.optimizer import make_optimizer
 from ddetr_jax.train.progress import Progress
 from ddetr_jax.train.step import data_mesh, init_state, make_train_step, shard_batch, split_model
+from ddetr_jax.train.workdir_lock import WorkdirBusy, WorkdirLock
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
@@ -81,12 +88,31 @@ class _StopSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def any_process(self) -> bool:
-        """Whether any process got a signal (collective when there are several)."""
-        flag = np.int32(self.received is not None)
-        if jax.process_count() > 1:
-            flag = np.asarray(multihost_utils.process_allgather(flag)).max()
-        return bool(flag)
+
+def _any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag: whether it is set on any process (one collective when there are several)."""
+    values = np.asarray(flags, np.int32)
+    if jax.process_count() > 1:
+        values = np.asarray(multihost_utils.process_allgather(values)).max(axis=0)
+    return tuple(bool(v) for v in values)
+
+
+def _lock_workdir(workdir) -> WorkdirLock | None:
+    """Process 0 takes the workdir's lock; WorkdirBusy on every process if it is held."""
+    lock, busy = None, None
+    if jax.process_index() == 0:
+        lock = WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except WorkdirBusy as error:
+            lock, busy = None, error
+    if jax.process_count() > 1:
+        held = multihost_utils.broadcast_one_to_all(np.int32(busy is not None))
+        if held and busy is None:
+            raise WorkdirBusy(f"{workdir} is in use by another run (see process 0's output)")
+    if busy is not None:
+        raise busy
+    return lock
 
 
 def _open_data(s: settings_lib.DataSettings):
@@ -97,6 +123,46 @@ def _open_data(s: settings_lib.DataSettings):
         multihost_utils.sync_global_devices("ddetr_jax: dataset ready")
     return (open_split(s.data_dir, s.name, s.train_split, s.synthetic),
             open_split(s.data_dir, s.name, s.eval_split, s.synthetic))
+
+
+def restore_newest(checkpoints: Checkpoints, target_state, is_main: bool = True):
+    """(step, state, extra) of the newest checkpoint that restores completely, or None
+    if there is none. The damaged newer ones are moved to WORKDIR/checkpoints_corrupt/
+    with a warning naming the file and the error; CorruptCheckpoint listing them all
+    (nothing moved) if none restores."""
+    skipped = []
+    for step in sorted(checkpoints.all_steps(), reverse=True):
+        try:
+            (state, extra), error = checkpoints.restore(step, target_state), None
+        except CorruptCheckpoint as corrupt:
+            error = corrupt
+        if _any_process(error is not None)[0]:
+            skipped.append((step, str(error or "damaged on another process")))
+            continue
+        _set_aside(checkpoints, skipped, is_main)
+        if is_main:
+            print(f"resumed from step {step} ({checkpoints.directory / str(step)})", flush=True)
+        return step, state, extra
+    if skipped:
+        raise CorruptCheckpoint(
+            f"no checkpoint in {checkpoints.directory} restores:\n  " +
+            "\n  ".join(f"step {step}: {why}" for step, why in skipped) +
+            "\nNothing was moved. Move the checkpoints folder away to start again.")
+    return None
+
+
+def _set_aside(checkpoints: Checkpoints, skipped, is_main: bool) -> None:
+    """Moves the damaged checkpoints [(step, why)] to WORKDIR/checkpoints_corrupt/."""
+    if not skipped:
+        return
+    if is_main:
+        for step, why in skipped:
+            moved = checkpoints.set_aside(step)
+            log.warning("checkpoint %d skipped, it does not restore: %s; moved to %s",
+                        step, why, moved)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ddetr_jax: damaged checkpoints set aside")
+    checkpoints.reload()
 
 
 class Trainer:
@@ -158,15 +224,27 @@ class Trainer:
         self.checkpoints.save(iteration, self.state, extra, metrics, self.frozen)
 
     def _restore(self, iterator) -> int:
-        latest = self.checkpoints.latest_step()
-        if latest is None:
+        """Restores the newest checkpoint that restores completely; its iteration, or 0."""
+        restored = restore_newest(self.checkpoints, self.state, self.is_main)
+        if restored is None:
             return 0
-        self.state, extra = self.checkpoints.restore(latest, self.state)
+        step, self.state, extra = restored
         iterator.set_state(extra["data_iterator"])
         self.consecutive_nonfinite = int(extra["consecutive_nonfinite"])
         self.nonfinite_total = int(extra["nonfinite_total"])
-        log.info("resumed from %s at iteration %d", self.checkpoints.directory, latest)
-        return latest
+        return step
+
+    def _describe(self) -> str:
+        """What the run trains on and with what, said once at start."""
+        s, devices = self.s, jax.devices()
+        buckets = ", ".join(f"{h}x{w}" for h, w in s.train_batch.buckets)
+        return (f"training on {s.data.name} split {s.data.train_split} "
+                f"({len(self.train_source)} images from {self.train_source.dataset_dir}; "
+                f"buckets {buckets}), evaluating on split {s.data.eval_split} "
+                f"({len(self.eval_source)} images); {len(devices)} {devices[0].platform} "
+                f"device(s) in {jax.process_count()} process(es), global batch "
+                f"{s.train_batch.global_batch_size}, {s.total_steps} steps "
+                f"({s.steps_per_epoch} per epoch); workdir {self.workdir}")
 
     def evaluate(self, iteration: int, writer: MetricsWriter) -> dict:
         s = self.s
@@ -205,14 +283,15 @@ class Trainer:
         """Trains to total_steps; returns the last evaluation's metrics. Raises
         TrainingStopped after saving if a stop signal came."""
         s = self.s
+        if self.is_main:
+            print(self._describe(), flush=True)
         iterator = self._train_iterator()
         start = self._restore(iterator)
         if start >= s.total_steps:
             print(f"{self.workdir}: already trained to step {start} of {s.total_steps}; "
                   "nothing to do (evaluate.py evaluates it)", flush=True)
             return {}
-        writer = MetricsWriter(self.workdir, resume_step=start if start else None,
-                               enabled=self.is_main)
+        writer = MetricsWriter(self.workdir, resume_step=start, enabled=self.is_main)
         progress = Progress(start, s.total_steps, s.steps_per_epoch,
                             s.train_batch.global_batch_size, enabled=self.is_main)
         rng = jax.random.key(s.seed)
@@ -229,7 +308,13 @@ class Trainer:
                         self._after_step(*pending, means, writer, progress)
                         pending = None
                         last_eval = self._at_boundary(iteration, iterator, writer) or last_eval
-                    if stop.any_process():
+                    failure = self._save_failure()
+                    stopped, failed = _any_process(stop.received is not None,
+                                                   failure is not None)
+                    if failed:
+                        raise failure or SaveFailed("a checkpoint save failed on another "
+                                                    "process (see its output); stopping")
+                    if stopped:
                         if pending is not None:
                             self._after_step(*pending, means, writer, progress)
                         if self.checkpoints.latest_step() != iteration:
@@ -245,6 +330,14 @@ class Trainer:
             writer.close()
             self.checkpoints.wait()
         return last_eval
+
+    def _save_failure(self) -> SaveFailed | None:
+        """The failure of the last save, once it has failed (never waits for one)."""
+        try:
+            self.checkpoints.check_saves()
+        except SaveFailed as failure:
+            return failure
+        return None
 
     def _boundary(self, iteration: int) -> bool:
         s = self.s
@@ -280,10 +373,15 @@ class Trainer:
 
 def train(config, workdir, *, override_config: bool = False) -> dict:
     """Runs (or resumes) the training run of `config` in `workdir`; returns the final
-    evaluation metrics."""
+    evaluation metrics. WorkdirBusy if another run holds the workdir."""
     started = time.perf_counter()
-    trainer = Trainer(config, workdir, override_config=override_config)
-    metrics = trainer.run()
+    lock = _lock_workdir(workdir)
+    try:
+        trainer = Trainer(config, workdir, override_config=override_config)
+        metrics = trainer.run()
+    finally:
+        if lock is not None:
+            lock.release()
     if trainer.is_main:
         print(f"done in {time.perf_counter() - started:.0f} s; checkpoints in "
               f"{trainer.checkpoints.directory}", flush=True)

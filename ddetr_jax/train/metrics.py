@@ -3,9 +3,10 @@
 metrics.jsonl holds one JSON object per line: {"step": s, "train/loss": ...,
 ...} for training (means over the logging interval) and {"step": s,
 "eval/AP": ..., ...} for evaluations; TensorBoard event files go to
-WORKDIR/tensorboard. On resume from iteration s the records after s (which
-the resumed run writes again) are moved out of metrics.jsonl into
-metrics.jsonl.replaced-<s> and TensorBoard purges them, so every step
+WORKDIR/tensorboard. A run that starts from iteration s (0: from scratch,
+also when an earlier attempt left records but no checkpoint) moves the records
+after s, which it writes again, out of metrics.jsonl into
+metrics.jsonl.replaced-<s>, and TensorBoard purges them, so every step
 appears once in each. Only process 0 writes.
 """
 
@@ -44,17 +45,16 @@ def _jsonable(value):
 class MetricsWriter:
     """Writes records to metrics.jsonl and TensorBoard (process 0 only)."""
 
-    def __init__(self, workdir, resume_step: int | None = None, enabled: bool = True):
+    def __init__(self, workdir, resume_step: int = 0, enabled: bool = True):
+        """resume_step: the iteration the run starts from (0: from scratch)."""
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._tensorboard = None
         if not enabled:
             return
-        if resume_step is not None:
-            self._truncate_after(resume_step)
-        self._tensorboard = SummaryWriter(
-            str(pathlib.Path(workdir) / "tensorboard"),
-            purge_step=None if resume_step is None else resume_step + 1)
+        self._truncate_after(resume_step)
+        self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
+                                          purge_step=resume_step + 1)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():

@@ -13,16 +13,14 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from ddetr_jax.convert import CheckpointMismatch, _restore_int_keys
 from ddetr_jax.models import DeformableDETR, ModelConfig
 from ddetr_jax.models.backbone import FrozenStat
-from ddetr_jax.train.checkpoint import Checkpoints
+from ddetr_jax.train.checkpoint import (Checkpoints, corrupt_checkpoint, restore_numpy,
+                                        steps_on_disk)
 from ddetr_jax.train.settings import model_config
 
 WHICH = ("latest", "best")
@@ -45,15 +43,16 @@ def workdir_model_config(workdir) -> ModelConfig:
     return model_config(config)
 
 
-def restore_numpy(directory) -> dict:
-    """An orbax PyTree checkpoint as numpy arrays, whatever devices and processes
-    wrote it (a run on 8 GPUs loads on one CPU)."""
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(directory)
-        tree = getattr(metadata, "item_metadata", metadata)
-        tree = getattr(tree, "tree", tree)
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return checkpointer.restore(directory, restore_args=args)
+def _read(item_dir: pathlib.Path) -> dict:
+    """restore_numpy(item_dir); CheckpointMismatch naming the damaged file if it fails."""
+    try:
+        return restore_numpy(item_dir)
+    except Exception as error:  # orbax, tensorstore and json raise many types
+        steps = steps_on_disk(item_dir.parent.parent)
+        raise CheckpointMismatch(
+            f"checkpoint damaged: {corrupt_checkpoint(item_dir, error)}; the run's "
+            f"checkpoints are steps {steps} (pass another one as --checkpoint "
+            f"{item_dir.parent.parent}/STEP)") from error
 
 
 def _unwrap_values(tree):
@@ -83,13 +82,15 @@ def load_workdir_model(path, which: str = "latest") -> tuple[DeformableDETR, dic
                                      "checkpoint to load")
     directory = workdir / "checkpoints" / str(step)
     if not (directory / "state").is_dir():
-        raise CheckpointMismatch(f"{directory}: no finished checkpoint there")
+        steps = steps_on_disk(workdir / "checkpoints")
+        what = "no finished checkpoint" if directory.is_dir() else "no checkpoint"
+        raise CheckpointMismatch(f"{directory}: {what} there; the run's checkpoints are "
+                                 f"steps {steps or 'none'} (in {workdir / 'checkpoints'})")
+    parts = [(nnx.Param, _unwrap_values(_read(directory / "state")["params"]))]
+    if (directory / "frozen").is_dir():
+        parts.append((FrozenStat, _read(directory / "frozen")))
     config = workdir_model_config(workdir)
     model = DeformableDETR(config, rngs=nnx.Rngs(0))
-    saved = restore_numpy(directory / "state")
-    parts = [(nnx.Param, _unwrap_values(saved["params"]))]
-    if (directory / "frozen").is_dir():
-        parts.append((FrozenStat, restore_numpy(directory / "frozen")))
     for kind, values in parts:
         state = nnx.state(model, kind)
         try:
