@@ -12,11 +12,12 @@ Writes DIR/metrics.json, DIR/results.json
 and, with --draw N, N images with their detections in DIR/images/.
 """
 
-import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from ddetr_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the config the model was trained "
                                           "with (model and dataset); default for a training "
@@ -32,7 +33,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "multi-host: HOST:PORT of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
-flags.mark_flags_as_required(["checkpoint", "output"])
+flags.adopt_module_key_flags(cli)  # --verbose, --config_help
 
 
 def main(argv):
@@ -44,7 +45,7 @@ def main(argv):
     from ddetr_jax.convert import CheckpointMismatch
     from ddetr_jax.evaluation.run import evaluate_checkpoint
     enable_compilation_cache()
-    logging.getLogger("ddetr_jax").setLevel(logging.INFO)
+    cli.configure_logging()
     try:
         evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _OUTPUT.value, split=_SPLIT.value,
                             which=_WHICH.value, num_draw=_DRAW.value,
@@ -55,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, required=("checkpoint", "output"))

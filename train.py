@@ -1,15 +1,18 @@
 """Trains Deformable DETR: python train.py --config configs/X.py --workdir DIR [--config.a.b=v].
 
 Rerunning the same command on the same workdir resumes from its latest
-checkpoint. Multi-host: run the same command on every host with
+checkpoint (a damaged one is set aside). One run per workdir: a second is
+refused. --config_help lists the --config.* fields; --verbose shows the
+libraries' logs. Multi-host: run the same command on every host with
 --coordinator_address HOST:PORT --num_processes N --process_id I (see README).
 """
 
-import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from ddetr_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in configs/",
                                           lock_config=True)
@@ -20,7 +23,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "multi-host: HOST:PORT of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.adopt_module_key_flags(cli)  # --verbose, --config_help
 
 
 def main(argv):
@@ -28,19 +31,21 @@ def main(argv):
     import jax
     if _COORDINATOR.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from ddetr_jax.train.checkpoint import SaveFailed
     from ddetr_jax.train.loop import NonFiniteError, TrainingStopped, train
+    from ddetr_jax.train.workdir_lock import WorkdirBusy
     from ddetr_jax.compile_cache import enable_compilation_cache
     enable_compilation_cache()
-    logging.getLogger("ddetr_jax").setLevel(logging.INFO)
+    cli.configure_logging()
     try:
         train(_CONFIG.value, _WORKDIR.value, override_config=_OVERRIDE.value)
     except TrainingStopped as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(128 + int(stopped.signum))
-    except (NonFiniteError, ValueError, FileNotFoundError) as error:
+    except (NonFiniteError, SaveFailed, WorkdirBusy, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, required=("config", "workdir"))
