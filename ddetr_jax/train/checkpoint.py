@@ -53,17 +53,17 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _unparsable_json(directory: pathlib.Path) -> list[pathlib.Path]:
-    """orbax's JSON metadata files in `directory` (the files without a suffix) that
-    do not parse: the file behind a JSONDecodeError, which does not name it."""
-    bad = []
+def _first_unparsable_json(directory: pathlib.Path) -> pathlib.Path | None:
+    """The first of orbax's JSON metadata files in `directory` (the files without a
+    suffix) that does not parse: the file behind a JSONDecodeError, which does not
+    name it."""
     for path in sorted(directory.iterdir()):
         if path.is_file() and not path.suffix:
             try:
                 json.loads(path.read_text())
             except (ValueError, UnicodeDecodeError):
-                bad.append(path)
-    return bad
+                return path
+    return None
 
 
 def corrupt_checkpoint(item_dir: pathlib.Path, error: Exception) -> CorruptCheckpoint:
@@ -72,7 +72,7 @@ def corrupt_checkpoint(item_dir: pathlib.Path, error: Exception) -> CorruptCheck
         return CorruptCheckpoint(describe_error(error))
     where = item_dir
     if isinstance(error, json.JSONDecodeError):
-        where = next(iter(_unparsable_json(item_dir)), item_dir)
+        where = _first_unparsable_json(item_dir) or item_dir
     return CorruptCheckpoint(f"{where}: {describe_error(error)}")
 
 
