@@ -83,6 +83,15 @@ def test_batch_that_does_not_split_over_devices(data_dir, tmp_path):
         loop.train(config, tmp_path)
 
 
+def test_too_few_classes_are_refused_before_the_run_writes_anything(data_dir, tmp_path):
+    config = make_tiny(load_config("configs/quickstart.py"), data_dir)
+    config.model.num_classes = 3
+    with pytest.raises(ValueError, match=r"category ids \[.*\] lie outside \[0, "
+                                         r"model.num_classes=3\)"):
+        loop.train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_missing_dataset_is_named(tmp_path):
     config = load_config("configs/r50_deformable_detr.py")
     config.data.data_dir = str(tmp_path / "nowhere")

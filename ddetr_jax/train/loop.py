@@ -177,6 +177,8 @@ class Trainer:
         train_source, self.eval_source = _open_data(settings_lib.data_settings(config))
         self.train_sizes = pipeline.read_sizes(train_source)
         train_batch, _ = settings_lib.batch_configs(config, jax.process_count())
+        for source in (train_source, self.eval_source):  # before config.json is written
+            pipeline.check_category_ids(source, train_batch.num_classes)
         per_epoch = pipeline.steps_per_epoch(len(train_source), train_batch)
         self.s = s = settings_lib.resolve(config, per_epoch, jax.process_count())
         settings_lib.check_devices(s.train_batch.global_batch_size, self.mesh.size,
