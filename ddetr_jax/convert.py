@@ -24,6 +24,7 @@ import json
 import os
 import re
 import sys
+import zipfile
 from typing import Any, Mapping
 
 import jax
@@ -299,6 +300,15 @@ def _torch_load_reason(err: Exception) -> str:
     return " ".join(kept) or type(err).__name__
 
 
+def _written_by_torch_save(path: str) -> bool:
+    """Whether the file starts as torch.save writes: a zip archive, or (the legacy
+    format) a pickle, whose first byte is the protocol opcode 0x80."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
     """A .pth / .bin / .safetensors file -> ({key: numpy array}, the authors' args or None).
 
@@ -313,6 +323,10 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
         return dict(load_file(path)), None
+    if not _written_by_torch_save(path):
+        raise CheckpointMismatch(
+            f"checkpoint: {path} is not a PyTorch weights file (torch.save writes a zip "
+            "archive or a pickle; this is neither), nor .safetensors")
     import torch  # only the .pth reader needs torch
 
     try:

@@ -372,3 +372,10 @@ def test_a_pickled_payload_is_refused_before_it_runs(tmp_path, beside_args):
         load_torch_checkpoint(str(tmp_path / "evil.pth"))
     assert not marker.exists()
     assert "system" in str(err.value) and "weights_only=False" not in str(err.value)
+
+
+def test_a_file_that_torch_save_did_not_write_is_named(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("hello world, not a checkpoint\n")
+    with pytest.raises(CheckpointMismatch, match=r"notes.pth is not a PyTorch weights file"):
+        load_torch_checkpoint(str(path))
