@@ -124,6 +124,10 @@ def test_host_matching_equals_matching_inside_the_step():
         for i in range(2):
             state, metrics = step(state, shard_batch(batch, mesh), jax.random.key(i))
         results.append((jax.tree.map(np.asarray, state.params), jax.device_get(metrics)))
+        if solver == "scipy":  # a label the model cannot predict is never silently unmatched
+            bad = dict(batch, labels=np.where(batch["target_valid"], 91, batch["labels"]))
+            with pytest.raises(ValueError, match=r"label 91 .* outside \[0, model.num_classes"):
+                step(state, shard_batch(bad, mesh), jax.random.key(2))
     (p_host, m_host), (p_device, m_device) = results
     assert set(m_host) == set(m_device)
     for key in m_host:

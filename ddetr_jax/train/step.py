@@ -214,9 +214,18 @@ class HostMatchedStep:
             jax.shard_map(update, mesh=mesh, in_specs=(P(), BATCH_SPEC, data, data, data),
                           out_specs=(P(), P())), donate_argnums=(0,))
 
-    def match(self, costs, target_valid) -> list:
-        """Host: [(B, Q_set, T) global costs] -> [(B, T) global int32 matches]."""
-        valid = _local_rows(target_valid)
+    def match(self, costs, batch, num_classes: int) -> list:
+        """Host: [(B, Q_set, T) global costs] -> [(B, T) global int32 matches].
+
+        Raises ValueError if a valid target's label is outside [0, num_classes):
+        the model cannot predict it, so it would never be matched."""
+        valid = _local_rows(batch["target_valid"])
+        labels = _local_rows(batch["labels"])[valid]
+        outside = labels[(labels < 0) | (labels >= num_classes)]
+        if outside.size:
+            raise ValueError(f"label {int(outside[0])} in the batch lies outside [0, "
+                             f"model.num_classes={num_classes}); its object would never be "
+                             "matched")
         sharding = NamedSharding(self.mesh, P("data"))
         return [jax.make_array_from_process_local_data(
                     sharding, scipy_assign(_local_rows(cost), valid, raise_on_nonfinite=False))
@@ -235,7 +244,7 @@ class HostMatchedStep:
         if not all(isinstance(v, jax.Array) for v in batch.values()):
             batch = jax.device_put(batch, NamedSharding(self.mesh, P("data")))
         outputs, costs, slots = self.forward(state, batch, rng)
-        matches = self.match(costs, batch["target_valid"])
+        matches = self.match(costs, batch, outputs["pred_logits"].shape[-1])
         return self.update(state, batch, outputs, slots, matches)
 
 
