@@ -195,7 +195,7 @@ def test_bad_checkpoints_are_refused(model, tmp_path):
     with pytest.raises(CheckpointMismatch, match="none of the kinds"):
         load_model(tmp_path / "empty")
     (tmp_path / "weights.pth").write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointMismatch, match="cannot read"):
+    with pytest.raises(CheckpointMismatch, match="weights.pth is not a PyTorch weights file"):
         load_model(tmp_path / "weights.pth")
     save_converted(model, TINY, str(tmp_path / "converted"))
     with pytest.raises(ValueError, match="fixes its model config"):

@@ -204,7 +204,7 @@ def test_unreadable_inputs_raise_clear_errors(tmp_path):
         load_torch_checkpoint(str(tmp_path / "missing.pth"))
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointMismatch, match="cannot read"):
+    with pytest.raises(CheckpointMismatch, match="corrupt.pth is not a PyTorch weights file"):
         load_torch_checkpoint(str(bad))
     with pytest.raises(CheckpointMismatch, match="neither the authors' layout"):
         load_torch_checkpoint({"foo.weight": np.zeros(3)})
