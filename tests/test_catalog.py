@@ -44,3 +44,14 @@ def test_a_dataset_that_is_not_synthetic_is_not_replaced(tmp_path):
         catalog.open_split(tmp_path / "tfds", "mine", "train", {**TINY, "name": "mine"})
     assert "synthetic" not in prepare.recorded_metadata(dataset_dir)
     assert len(catalog.open_split(tmp_path / "tfds", "mine", "train", TINY)) == 1
+
+
+def test_making_the_synthetic_dataset_prints_nothing_of_tfds(tmp_path, capsys):
+    """A run's output stays its own: TFDS's banners and progress bars are held back."""
+    tfds.display_progress_bar(True)
+    try:
+        catalog.ensure_synthetic(tmp_path, "shapes", **_params(TINY))
+    finally:
+        tfds.disable_progress_bar()
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == "", printed

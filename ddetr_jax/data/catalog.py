@@ -7,13 +7,17 @@ that folder holds. The synthetic dataset is made only when the config asks
 for it by name (data.synthetic.name == data.name): a misspelt data.name is
 an error, never a synthetic dataset under that name. A synthetic dataset
 records its parameters (train_images, val_images, seed) in its metadata; one
-made with other parameters than the config's is rebuilt.
+made with other parameters than the config's is rebuilt, without TensorFlow
+Datasets' progress bars and banners (the run says what it makes, then its report).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import pathlib
+import sys
 import tempfile
 
 from ddetr_jax.data import prepare, synthetic as synthetic_lib
@@ -77,12 +81,26 @@ def ensure_synthetic(data_dir, name, train_images: int, val_images: int, seed: i
     log.info("preparing the synthetic dataset %s (%d train / %d validation images, seed %d) "
              "in %s", name, train_images, val_images, seed, base)
     base.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}-coco-", dir=base) as coco_dir:
+    with tempfile.TemporaryDirectory(prefix=f".{name}-coco-", dir=base) as coco_dir, \
+            _console_kept() as console:
         synthetic_lib.write_dataset(coco_dir, train_images, val_images, seed)
         dataset_dir, report = prepare.prepare(coco_dir, name, str(base), overwrite=True,
                                               metadata={"synthetic": wanted})
+        console.truncate(0)
     log.info("%s", report.format())
     return pathlib.Path(dataset_dir)
+
+
+@contextlib.contextmanager
+def _console_kept():
+    """Holds what is printed to stdout and stderr inside; written to stderr at the
+    end unless the body empties it (truncate(0)), so a failure shows it all."""
+    console = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            yield console
+    finally:
+        sys.stderr.write(console.getvalue())
 
 
 def open_split(data_dir, name, split, synthetic: dict | None = None) -> DetectionSource:
