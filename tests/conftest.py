@@ -1,12 +1,26 @@
-"""Test set-up: 8 simulated CPU devices for the multi-device tests.
+"""Test set-up: 8 simulated CPU devices for the multi-device tests, and one
+persistent compilation cache for the whole run.
 
-Must run before JAX initialises its backends, hence the environment variable.
+Must run before JAX initialises its backends, hence the environment variables.
+Many tests build the same program (a tiny run of the quickstart config started,
+resumed and restarted, in-process and as train.py): with one cache for every
+test, shared by the pytest-xdist workers (they inherit this process's
+environment) and their subprocesses, each program compiles once per run. The
+cache is new for every run and removed after it, so no run depends on an
+earlier one; tests/test_compile_cache.py uses a fresh directory of its own.
 """
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
+RUN_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(
+    prefix="ddetr-jax-tests-cache-")
+if RUN_CACHE is not None:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = RUN_CACHE
+os.environ.setdefault("DDETR_JAX_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,3 +35,9 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def pytest_unconfigure(config):
+    """The process that made the run's cache removes it, after its workers ended."""
+    if RUN_CACHE is not None:
+        shutil.rmtree(RUN_CACHE, ignore_errors=True)

@@ -49,7 +49,8 @@ def prepare_tiny_data(data_dir):
 def train_py_setup(base, config_source: str, **env):
     """The tiny dataset in base/data, config_source (a format string of root and
     data_dir) written to base/tiny.py, and the environment of train.py subprocesses:
-    2 CPU devices, fast compilation, the compilation cache in base/jax_cache, plus env.
+    2 CPU devices, fast compilation, the test run's compilation cache (conftest.py),
+    then env.
     Returns (config path, environment)."""
     import os
     import pathlib
@@ -57,9 +58,8 @@ def train_py_setup(base, config_source: str, **env):
     prepare_tiny_data(base / "data")
     config = base / "tiny.py"
     config.write_text(config_source.format(root=root, data_dir=str(base / "data")))
-    return config, dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu",
-                        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-                        DDETR_JAX_CACHE=str(base / "jax_cache"), **env)
+    return config, {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu",
+                    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", **env}
 
 
 def load_config(path):
