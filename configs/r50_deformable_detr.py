@@ -4,7 +4,7 @@
 
 COCO 2017 from TFDS (prepare it first, README: Data), global batch 32, 50
 epochs, lr drop at epoch 40, the published optimizer and losses
-(ddetr_jax/train/defaults.py). Set --config.model.backbone_weights to an
+(ddetr_jax/train/defaults.py). Set --config.backbone_weights to an
 ImageNet ResNet-50 (torchvision .pth) as the authors do.
 """
 

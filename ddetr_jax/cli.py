@@ -27,7 +27,7 @@ CONFIG_HELP = flags.DEFINE_bool("config_help", False, "list the fields of --conf
 
 
 def config_fields(config) -> list[str]:
-    """'--config.a.b=value' for every field of a ConfigDict, in order."""
+    """'--config.FIELD=value' (FIELD dotted: model.dim) for every field, in order."""
     from ddetr_jax.train.run_config import as_json, flatten
     return [f"--config.{name}={value!r}" for name, value in flatten(as_json(config)).items()]
 

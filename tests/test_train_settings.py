@@ -143,3 +143,73 @@ def test_published_buckets_hold_every_published_size():
     evals = [transforms.eval_geometry(tuple(s), config).out_hw for s in originals]
     buckets.assign_buckets(train, c.data.buckets)  # raises if a size fits no bucket
     buckets.assign_buckets(evals, c.data.eval_buckets)
+
+
+def _config_flag(monkeypatch, path, *overrides):
+    """The config train.py's --config=path ... would build (absl flags, ml_collections;
+    it reads the overrides from sys.argv)."""
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ["train.py", f"--config={path}", *overrides]
+    monkeypatch.setattr("sys.argv", argv)
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=values)
+    values(argv)
+    return values.config
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in __import__("pathlib").Path(
+    "configs").glob("*.py")))
+def test_every_dataclass_field_is_settable_on_every_config(name, monkeypatch):
+    """--config.SECTION.FIELD for every field of ModelConfig, OptimizerConfig, LossConfig
+    and MatchWeights; the base config holds each at its dataclass default."""
+    from ddetr_jax.train import defaults
+    from ddetr_jax.losses import LossConfig
+    from ddetr_jax.matcher import MatchWeights
+    from ddetr_jax.models import ModelConfig
+    sections = {"model": [ModelConfig], "optimizer": [optimizer.OptimizerConfig],
+                "loss": [LossConfig, MatchWeights]}
+    base = base_config()
+    overrides, expected = [], {}
+    for section, classes in sections.items():
+        for cls in classes:
+            for field, default in defaults.config_fields(cls).items():
+                assert base[section][field] == default, f"{section}.{field}"
+                value = not default if isinstance(default, bool) else (
+                    default if isinstance(default, str) else default + 1)
+                overrides.append(f"--config.{section}.{field}={value}")
+                expected[f"{section}.{field}"] = value
+    config = _config_flag(monkeypatch, f"configs/{name}.py", *overrides)
+    for key, value in expected.items():
+        section, field = key.split(".")
+        assert config[section][field] == value, key
+
+
+def test_a_field_added_since_a_run_started_is_its_default(tmp_path):
+    """config.json of a run started before model.backbone_width existed: resuming it
+    with the field at its default is no contradiction; at another value it is."""
+    c = base_config()
+    run_config.check_and_save(c, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["backbone_width"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    run_config.check_and_save(c, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    c.model.backbone_width = 32
+    with pytest.raises(run_config.ConfigMismatch, match="model.backbone_width: saved 64, now 32"):
+        run_config.check_and_save(c, tmp_path)
+
+
+def test_every_config_field_the_docs_name_exists():
+    """--config.X in the README, docs/, configs/ and the library is a field users can set."""
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *root.glob("docs/*.md"), *root.glob("configs/*.py"),
+             *root.glob("ddetr_jax/**/*.py")]
+    named = {m for f in files for m in re.findall(r"--config\.([a-z_][a-z_.]*[a-z_])",
+                                                  f.read_text())}
+    fields = set(run_config.flatten(run_config.as_json(load_config("configs/quickstart.py"))))
+    fields |= set(run_config.flatten(run_config.as_json(base_config())))
+    sections = {f.rsplit(".", 1)[0] for f in fields if "." in f}
+    assert named and {n for n in named if n not in fields | sections} == set()

@@ -4,11 +4,25 @@ The authors' main.py defaults and configs/r50_deformable_detr.sh: global
 batch 32 (2 images on each of 16 GPUs), 50 epochs, lr drop at epoch 40,
 AdamW 2e-4 / backbone 2e-5 / sampling offsets and reference points x0.1,
 weight decay 1e-4, clipping 0.1, losses 2 / 5 / 2, COCO 2017 from TFDS.
+The model, optimizer and loss sections are the fields of ModelConfig,
+OptimizerConfig, LossConfig and MatchWeights with their defaults (written
+once, in those dataclasses), so every field is settable as --config.SECTION.FIELD.
 """
+
+import dataclasses
 
 import ml_collections
 
 from ddetr_jax.data.transforms import TransformConfig
+from ddetr_jax.losses import LossConfig
+from ddetr_jax.matcher import MatchWeights
+from ddetr_jax.models import ModelConfig
+from ddetr_jax.train.optimizer import OptimizerConfig
+
+# Fields a config does not set: resolved from the epochs (optimizer), a
+# training-step setting (loss), or the focal loss's (matcher alpha / gamma).
+NOT_IN_CONFIG = {OptimizerConfig: ("lr_drop_step", "total_steps"),
+                 LossConfig: ("matcher", "nonfinite_costs"), MatchWeights: ("alpha", "gamma")}
 
 # 12 (H, W) buckets for the 800..1333 recipe: the least-padding set of 12 (sides multiples
 # of 32) for the COCO-like training sizes of benchmarks/input_pipeline.py, proven optimal
@@ -64,15 +78,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_threads = 8
     c.data.prefetch = 2
 
-    c.model = ml_collections.ConfigDict(dict(
-        num_classes=91, backbone_depth=50, dilation=False, backbone_norm="frozen_batch_norm",
-        num_feature_levels=4, dim=256, ffn_dim=1024, heads=8, enc_layers=6, dec_layers=6,
-        enc_points=4, dec_points=4, num_queries=300, dropout=0.1, with_box_refine=False,
-        two_stage=False))
-    c.optimizer = ml_collections.ConfigDict(dict(
-        lr=2e-4, lr_backbone=2e-5, lr_linear_proj_mult=0.1, weight_decay=1e-4,
-        clip_max_norm=0.1, warmup_steps=0, schedule="step", freeze_stem=True))
-    c.loss = ml_collections.ConfigDict(dict(
-        class_weight=2.0, bbox_weight=5.0, giou_weight=2.0, focal_alpha=0.25, focal_gamma=2.0,
-        class_cost=2.0, bbox_cost=5.0, giou_cost=2.0, solver="scipy"))
+    c.model = ml_collections.ConfigDict(config_fields(ModelConfig))
+    c.optimizer = ml_collections.ConfigDict(config_fields(OptimizerConfig))
+    c.loss = ml_collections.ConfigDict({**config_fields(LossConfig),
+                                        **config_fields(MatchWeights)})
     return c
+
+
+def config_fields(cls) -> dict:
+    """{field: default} of a config dataclass, less NOT_IN_CONFIG."""
+    return {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)
+            if f.name not in NOT_IN_CONFIG.get(cls, ())}

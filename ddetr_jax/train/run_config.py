@@ -4,7 +4,8 @@ A resumed run must train what the checkpoints were trained with. Fields that
 change only how the run is observed or fed (MAY_CHANGE) may differ; any
 other difference is a ConfigMismatch listing every field, unless the caller
 overrides it (train.py --override_config), in which case the old file is kept
-as config.<n>.json beside the new one.
+as config.<n>.json beside the new one. A field the saved file lacks (added to
+the library after that run started) counts as its default, which that run used.
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ def as_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def _with_defaults(saved: dict, new: dict) -> dict:
+    """The saved config (flat), plus the fields of `new` it lacks at base_config()'s
+    defaults."""
+    from ddetr_jax.train.defaults import base_config
+    base, old = flatten(as_json(base_config())), flatten(saved)
+    return {**{k: base[k] for k in flatten(new) if k not in old and k in base}, **old}
+
+
 def check_and_save(config, workdir, *, override: bool = False, write: bool = True) -> None:
     """Raises ConfigMismatch if WORKDIR/config.json contradicts `config` (unless
     override); writes `config` there (write: on one process only)."""
@@ -73,7 +82,7 @@ def check_and_save(config, workdir, *, override: bool = False, write: bool = Tru
     path = workdir / "config.json"
     new = as_json(config)
     if path.exists():
-        diffs = differences(json.loads(path.read_text()), new)
+        diffs = differences(_with_defaults(json.loads(path.read_text()), new), new)
         if diffs and not override:
             raise ConfigMismatch(
                 f"{path} was saved by a run with a different config; resuming would mix "
