@@ -2,10 +2,11 @@
 persistent compilation cache for the whole run.
 
 Must run before JAX initialises its backends, hence the environment variables.
-Many tests build the same program (a tiny run of the quickstart config started,
-resumed and restarted, in-process and as train.py): with one cache for every
-test, shared by the pytest-xdist workers (they inherit this process's
-environment) and their subprocesses, each program compiles once per run. The
+Many tests build the same programs (a model's parameter initialisers, a tiny
+run of the quickstart config started, resumed and restarted, in-process and as
+train.py): with one cache for every test, shared by the pytest-xdist workers
+(they inherit this process's environment) and their subprocesses, and every
+program cached as train.py caches it, each compiles once per run. The
 cache is new for every run and removed after it, so no run depends on an
 earlier one; tests/test_compile_cache.py uses a fresh directory of its own.
 """
@@ -21,6 +22,7 @@ RUN_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdt
 if RUN_CACHE is not None:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = RUN_CACHE
 os.environ.setdefault("DDETR_JAX_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # as train.py
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
