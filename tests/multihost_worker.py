@@ -20,11 +20,23 @@ STEPS, GLOBAL_BATCH = 3, 4
 
 def build(devices):
     """The step, state and mesh of the test model (96-pixel images, dim 128:
-    well-conditioned GroupNorm on the extra level, see test_train_step)."""
-    from tests.test_train_step import setup
+    well-conditioned GroupNorm on the extra level, see test_train_step).
+
+    Plain SGD, so that the parameters differ by what the gradients differ by:
+    AdamW scales a near-zero gradient to a whole step, so the float noise of
+    summing the devices' gradients in another order (one all-reduce over 4
+    devices or 2 x 2 across processes) became lr-sized differences on some CPUs.
+    """
+    import optax
+
+    from ddetr_jax.train.step import data_mesh, init_state, make_train_step, split_model
     from tests.train_fixtures import tiny_model
 
-    return setup(devices, tiny_model(dim=128))
+    graphdef, params, rest = split_model(tiny_model(dim=128))
+    tx = optax.sgd(1e-2)
+    mesh = data_mesh(devices)
+    return (make_train_step(graphdef, rest, tx, lambda _: 1e-2, mesh),
+            init_state(params, tx, mesh), mesh)
 
 
 def run_steps(step, state, mesh, process_id: int, num_processes: int):
