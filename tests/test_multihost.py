@@ -5,7 +5,8 @@ the only difference left is the cross-process all-reduce. A 1-device reference
 compiles another program, whose sampling locations may differ by an ulp: at
 initialisation the authors' sampling points sit on integer pixel coordinates,
 where the location gradient is one-sided, so an ulp there is a different first
-step (seen on another CPU), not a data-parallel error."""
+step (seen on another CPU), not a data-parallel error. Plain SGD (see
+multihost_worker.build) keeps the all-reduce's summation-order noise gradient-sized."""
 
 import os
 import socket
