@@ -29,23 +29,14 @@ _WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"],
                            "for a training workdir: its latest or its best checkpoint")
 _DRAW = flags.DEFINE_integer("draw", 0, "save this many images with their detections")
 _THRESHOLD = flags.DEFINE_float("score_threshold", 0.5, "score threshold of drawn detections")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "multi-host: HOST:PORT of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: processes in the job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
-flags.adopt_module_key_flags(cli)  # --verbose, --config_help
+flags.adopt_module_key_flags(cli)  # --verbose, --config_help, the multi-host flags
 
 
 def main(argv):
     del argv
-    import jax
-    if _COORDINATOR.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from ddetr_jax.compile_cache import enable_compilation_cache
+    cli.start()
     from ddetr_jax.convert import CheckpointMismatch
     from ddetr_jax.evaluation.run import evaluate_checkpoint
-    enable_compilation_cache()
-    cli.configure_logging()
     try:
         evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _OUTPUT.value, split=_SPLIT.value,
                             which=_WHICH.value, num_draw=_DRAW.value,

@@ -19,24 +19,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file in conf
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and config go")
 _OVERRIDE = flags.DEFINE_bool("override_config", False,
                               "resume a workdir whose saved config differs from --config")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "multi-host: HOST:PORT of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: processes in the job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
-flags.adopt_module_key_flags(cli)  # --verbose, --config_help
+flags.adopt_module_key_flags(cli)  # --verbose, --config_help, the multi-host flags
 
 
 def main(argv):
     del argv
-    import jax
-    if _COORDINATOR.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from ddetr_jax.train.checkpoint import SaveFailed
+    cli.start()
+    from ddetr_jax.checkpoints.store import SaveFailed
     from ddetr_jax.train.loop import NonFiniteError, TrainingStopped, train
     from ddetr_jax.train.workdir_lock import WorkdirBusy
-    from ddetr_jax.compile_cache import enable_compilation_cache
-    enable_compilation_cache()
-    cli.configure_logging()
     try:
         train(_CONFIG.value, _WORKDIR.value, override_config=_OVERRIDE.value)
     except TrainingStopped as stopped:

@@ -27,10 +27,10 @@ from common import make_batch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ddetr_jax.models import DeformableDETR  # noqa: E402
-from ddetr_jax.train.optimizer import make_optimizer  # noqa: E402
-from ddetr_jax.train.settings import resolve  # noqa: E402
-from ddetr_jax.train.step import (data_mesh, init_state, make_train_step, shard_batch,  # noqa: E402
-                                  split_model)
+from ddetr_jax.optimizer import make_optimizer  # noqa: E402
+from ddetr_jax.config.settings import resolve  # noqa: E402
+from ddetr_jax.sharding import data_mesh, shard_batch, split_model  # noqa: E402
+from ddetr_jax.train.step import init_state, make_train_step  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 VARIANTS = {

@@ -34,10 +34,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import make_batch, random_hf_detr, time_interleaved  # noqa: E402
 from ddetr_jax.convert import load_torch_checkpoint  # noqa: E402
-from ddetr_jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
+from ddetr_jax.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 from ddetr_jax.losses import LossConfig  # noqa: E402
-from ddetr_jax.train.step import (HostMatchedStep, data_mesh, init_state,  # noqa: E402
-                                  make_train_step, shard_batch, split_model)
+from ddetr_jax.sharding import data_mesh, shard_batch, split_model  # noqa: E402
+from ddetr_jax.train.step import HostMatchedStep, init_state, make_train_step  # noqa: E402
 
 
 def main():

@@ -11,7 +11,7 @@ published variant), small images; evaluated with class-wise NMS (the short
 schedule leaves duplicate detections). Curve and final AP: docs/benchmarks.md.
 """
 
-from ddetr_jax.train.defaults import base_config
+from ddetr_jax.config.defaults import base_config
 
 
 def get_config():

@@ -1,14 +1,9 @@
 """The authors' configs/r50_deformable_detr_single_scale_dc5.sh: single-scale DC5 Deformable DETR (R50, dilated C5): 41.5 AP published.
 
     python train.py --config configs/r50_deformable_detr_single_scale_dc5.py --workdir runs/r50_deformable_detr_single_scale_dc5
-
-COCO 2017 from TFDS (prepare it first, README: Data), global batch 32, 50
-epochs, lr drop at epoch 40, the published optimizer and losses
-(ddetr_jax/train/defaults.py). Set --config.backbone_weights to an
-ImageNet ResNet-50 (torchvision .pth) as the authors do.
 """
 
-from ddetr_jax.train.defaults import base_config
+from ddetr_jax.config.defaults import base_config
 
 
 def get_config():

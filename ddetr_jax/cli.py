@@ -1,6 +1,7 @@
 """What train.py and evaluate.py share on the command line.
 
     run(main, required=("config", "workdir"))   # instead of absl's app.run(main)
+    start()   # first thing in main: multi-host, compilation cache, logging
 
 --help (-h, -?, --helpshort, --helpfull) prints the flags and exits with
 status 0 (absl exits 1); --config_help lists the fields of --config, each
@@ -24,11 +25,15 @@ VERBOSE = flags.DEFINE_bool("verbose", False, "show the libraries' log messages 
                             "TensorFlow Datasets, grain), hidden by default")
 CONFIG_HELP = flags.DEFINE_bool("config_help", False, "list the fields of --config (each "
                                 "can be set with --config.FIELD=VALUE) and exit")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                  "multi-host: HOST:PORT of process 0")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: processes in the job")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 
 
 def config_fields(config) -> list[str]:
     """'--config.FIELD=value' (FIELD dotted: model.dim) for every field, in order."""
-    from ddetr_jax.train.run_config import as_json, flatten
+    from ddetr_jax.config.run_config import as_json, flatten
     return [f"--config.{name}={value!r}" for name, value in flatten(as_json(config)).items()]
 
 
@@ -62,6 +67,19 @@ def run(main, required=()) -> None:
     """app.run(main) with the help and required flags of _parse (the script lists
     this module's flags in its help with flags.adopt_module_key_flags(cli))."""
     app.run(main, flags_parser=lambda argv: _parse(argv, required))
+
+
+def start() -> None:
+    """What train.py and evaluate.py do first: join the multi-host job when
+    --coordinator_address is given, turn on the persistent compilation cache,
+    configure_logging()."""
+    import jax
+
+    from ddetr_jax.compile_cache import enable_compilation_cache
+    if COORDINATOR.value:
+        jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+    enable_compilation_cache()
+    configure_logging()
 
 
 def _drop_closed_loop_errors(unraisable) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from ddetr_jax.models import DeformableDETR, ModelConfig
 from ddetr_jax.models.backbone import FrozenStat
@@ -257,20 +257,15 @@ def _duplicated_key(key: str, config) -> str | None:
     return None
 
 
-def _flatten(tree, prefix="") -> dict:
-    if isinstance(tree, Mapping):
-        flat = {}
-        for k, v in tree.items():
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        return flat
-    return {prefix[:-1]: tree}
-
-
-def _unflatten_into(tree, flat: Mapping[str, Any], prefix=""):
-    if isinstance(tree, Mapping):
-        return {k: _unflatten_into(v, flat, f"{prefix}{k}.") for k, v in tree.items()}
-    return flat[prefix[:-1]]
-
+# What the weights cannot tell (convert's flags, their help): taken from the
+# authors' args, else from these flags or the caller's defaults, else ModelConfig's.
+NOT_IN_WEIGHTS = {
+    "dilation": "DC5 checkpoint (dilated last ResNet stage); default: off",
+    "num_queries": "object queries of a two-stage checkpoint; default: 300",
+    "heads": "attention heads; default: 8",
+    "enc_points": "encoder sampling points; default: 4",
+    "dec_points": "decoder sampling points; default: 4",
+}
 
 # The authors' main.py arguments (the 'args' Namespace of their checkpoints)
 # -> ModelConfig fields; 'backbone' ("resnet50") gives backbone_depth.
@@ -419,7 +414,9 @@ def _check_and_fill(state, weights: Mapping[str, np.ndarray], problems: list[str
                     prefix: str = "") -> None:
     """Fills nnx State `state` from {path: array}; every missing, extra or
     mis-shaped entry (and the given problems) raised together as CheckpointMismatch."""
-    expected = _flatten(nnx.to_pure_dict(state))
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))  # {(key, ...): array}
+    keys = {".".join(map(str, key)): key for key in flat}  # "a.0.b" -> ("a", 0, "b")
+    expected = {name: flat[key] for name, key in keys.items()}
     for path in sorted(set(expected) - set(weights)):
         problems.append(f"{prefix}{path}: missing from the checkpoint (expected shape "
                         f"{tuple(expected[path].shape)})")
@@ -433,9 +430,8 @@ def _check_and_fill(state, weights: Mapping[str, np.ndarray], problems: list[str
     if problems:
         raise CheckpointMismatch(f"checkpoint does not match the model ({len(problems)} "
                                  "problems):\n  " + "\n  ".join(problems))
-    filled = _unflatten_into(nnx.to_pure_dict(state), {
-        p: jax.numpy.asarray(w, dtype=expected[p].dtype) for p, w in weights.items()})
-    nnx.replace_by_pure_dict(state, filled)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({
+        keys[p]: jax.numpy.asarray(w, dtype=expected[p].dtype) for p, w in weights.items()}))
 
 
 def load_backbone_weights(model: DeformableDETR, path_or_state_dict) -> list[str]:
@@ -472,49 +468,6 @@ def save_converted(model, config, dest: str) -> None:
         json.dump(dataclasses.asdict(config), f, indent=2)
 
 
-def load_converted(path: str):
-    """Reads what save_converted wrote -> DeformableDETR."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    config_file = os.path.join(path, "model_config.json")
-    if not os.path.exists(config_file):
-        raise FileNotFoundError(f"checkpoint: {config_file} does not exist")
-    with open(config_file) as f:
-        config = ModelConfig(**json.load(f))
-    model = DeformableDETR(config, rngs=nnx.Rngs(0))
-    state = nnx.state(model, WEIGHTS)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(os.path.join(path, "state"))
-    nnx.replace_by_pure_dict(state, _restore_int_keys(nnx.to_pure_dict(state), restored))
-    nnx.update(model, state)
-    return model, config
-
-
-def _restore_int_keys(template, restored):
-    """orbax stores list indices as strings; follow the template's key types.
-
-    Checkpoints written before the layers were stacked hold one subtree per
-    layer ('0', '1', ...) where the model has one stacked subtree: those are
-    stacked on load.
-    """
-    if isinstance(template, Mapping):
-        if _per_layer(template, restored):
-            restored = jax.tree.map(lambda *xs: np.stack(xs),
-                                    *(restored[str(i)] for i in range(len(restored))))
-        return {k: _restore_int_keys(v, restored[str(k)] if str(k) in restored else restored[k])
-                for k, v in template.items()}
-    return restored
-
-
-def _per_layer(template: Mapping, restored) -> bool:
-    """True where the model has one stacked subtree and the checkpoint one per layer."""
-    if not isinstance(restored, Mapping) or not restored or any(
-            str(k).isdigit() for k in template):
-        return False
-    return set(map(str, restored)) == {str(i) for i in range(len(restored))}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -524,13 +477,11 @@ def main(argv=None):
     parser.add_argument("src", help="authors' .pth (main.py checkpoint or bare state dict), HF "
                                     "pytorch_model.bin or model.safetensors")
     parser.add_argument("dest", help="output directory (orbax state/ and model_config.json)")
-    parser.add_argument("--dilation", action="store_true", default=None,
-                        help="DC5 checkpoint (dilated last ResNet stage); default: off")
-    parser.add_argument("--num_queries", type=int,
-                        help="object queries of a two-stage checkpoint; default: 300")
-    parser.add_argument("--heads", type=int, help="attention heads; default: 8")
-    parser.add_argument("--enc_points", type=int, help="encoder sampling points; default: 4")
-    parser.add_argument("--dec_points", type=int, help="decoder sampling points; default: 4")
+    for field, help in NOT_IN_WEIGHTS.items():
+        if field == "dilation":
+            parser.add_argument("--dilation", action="store_true", default=None, help=help)
+        else:
+            parser.add_argument(f"--{field}", type=int, help=help)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("src", "dest") and v is not None}
     try:

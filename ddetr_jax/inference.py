@@ -4,7 +4,7 @@
     prediction = detector.predict("image.jpg", score_threshold=0.5)
     detector.draw("image.jpg", prediction).show()
     attention = detector.attention("image.jpg")    # where the best detection's query looked
-    plot_attention("image.jpg", attention)           # needs matplotlib
+    plot_attention("image.jpg", attention)           # ddetr_jax.drawing; needs matplotlib
 
 Images are resized as in the authors' validation transform (shorter side
 800, longer side at most 1333; a training workdir's own val_scale / max_size),
@@ -16,109 +16,24 @@ seen before.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import os
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image
 
-from ddetr_jax.convert import CheckpointMismatch, load_converted, load_torch_checkpoint
-from ddetr_jax.data.transforms import resized_hw
+from ddetr_jax.checkpoints.loading import load_model, split_workdir_path
+from ddetr_jax.config import run_config
+from ddetr_jax.drawing import draw_prediction
+from ddetr_jax.images import load_image, prepare_batch
 from ddetr_jax.models import DeformableDETR
 from ddetr_jax.postprocess import NUM_TOP, check_nms_iou, postprocess
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def _is_converted_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model_config.json"))
-
-
-def _load_converted_dir(path: str, defaults=None, **model_overrides):
-    if model_overrides:
-        raise ValueError(f"{path}: a converted checkpoint fixes its model config; "
-                         f"model overrides {sorted(model_overrides)} are not accepted")
-    if not os.path.isdir(os.path.join(path, "state")):
-        raise CheckpointMismatch(f"{path}: has model_config.json but no state/ directory")
-    model, _ = load_converted(path)
-    return model
-
-
-def _hf_weight_file(path: str) -> str | None:
-    found = [os.path.join(path, f) for f in HF_WEIGHT_FILES
-             if os.path.isfile(os.path.join(path, f))]
-    return found[0] if found else None
-
-
-def _load_hf_dir(path: str, defaults=None, **model_overrides):
-    return load_torch_checkpoint(_hf_weight_file(path), defaults, **model_overrides)[0]
-
-
-def _is_torch_file(path: str) -> bool:
-    return os.path.isfile(path) and path.endswith(TORCH_SUFFIXES)
-
-
-def _load_torch_file(path: str, defaults=None, **model_overrides):
-    return load_torch_checkpoint(path, defaults, **model_overrides)[0]
-
-
-def _is_training_workdir(path: str) -> bool:
-    from ddetr_jax.train.workdir import split_workdir_path
-    return split_workdir_path(path) is not None
-
-
-def _load_training_workdir(path: str, defaults=None, **model_overrides):
-    from ddetr_jax.train.workdir import load_workdir_model
-    if model_overrides:
-        raise ValueError(f"{path}: a training workdir fixes its model config (config.json); "
-                         f"model overrides {sorted(model_overrides)} are not accepted")
-    return load_workdir_model(path)[0]
-
-
-# (what it is, does `path` look like one, loader(path, defaults, **model_overrides) -> model);
-# the first match loads. Converted checkpoints and workdirs fix their config and ignore
-# defaults.
-CHECKPOINT_KINDS = (
-    ("a training workdir (config.json and checkpoints/, from train.py: its latest "
-     "checkpoint) or one of its checkpoints/STEP folders", _is_training_workdir,
-     _load_training_workdir),
-    ("a converted checkpoint directory (model_config.json and state/, from "
-     "python -m ddetr_jax.convert)", _is_converted_dir, _load_converted_dir),
-    ("a HuggingFace model directory (model.safetensors or pytorch_model.bin)",
-     lambda p: os.path.isdir(p) and _hf_weight_file(p) is not None, _load_hf_dir),
-    ("an authors' or HuggingFace weights file (.pth, .pt, .bin, .safetensors)",
-     _is_torch_file, _load_torch_file),
-)
-
-
-def load_model(path, defaults=None, **model_overrides) -> DeformableDETR:
-    """A DeformableDETR from any checkpoint kind in CHECKPOINT_KINDS.
-
-    PyTorch checkpoints only: defaults are ModelConfig fields used where
-    neither the weights nor the authors' args tell (dilation, heads, points,
-    num_queries for two-stage); model_overrides win over the args.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint: {path} does not exist")
-    for _, matches, load in CHECKPOINT_KINDS:
-        if matches(path):
-            return load(path, defaults, **model_overrides)
-    kinds = "\n  ".join(kind for kind, _, _ in CHECKPOINT_KINDS)
-    raise CheckpointMismatch(f"checkpoint: {path} is none of the kinds this package reads:"
-                             f"\n  {kinds}")
 
 
 def workdir_defaults(path) -> dict:
@@ -129,8 +44,6 @@ def workdir_defaults(path) -> dict:
     import tensorflow_datasets as tfds
 
     from ddetr_jax.data.source import categories_of, latest_version_dir
-    from ddetr_jax.train import run_config
-    from ddetr_jax.train.workdir import split_workdir_path
     found = split_workdir_path(path)
     if found is None:
         return {}
@@ -147,66 +60,6 @@ def workdir_defaults(path) -> dict:
 
 
 # ----------------------------------------------------------------------------- images
-
-def load_image(image) -> np.ndarray:
-    """A file path, PIL image or uint8 array (H, W), (H, W, 1|3|4) -> (H, W, 3) uint8 RGB."""
-    if isinstance(image, (str, os.PathLike)):
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f"image: {image} does not exist")
-        try:
-            with Image.open(image) as opened:
-                return np.asarray(opened.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"image: cannot read {image} as an image: {err}") from err
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise ValueError(f"image: expected a uint8 array, got {image.dtype}")
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape:
-            raise ValueError(f"image: expected shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4),"
-                             f" got {image.shape}")
-        if image.shape[-1] == 1:
-            return np.repeat(image, 3, axis=-1)
-        if image.shape[-1] == 4:
-            return np.asarray(Image.fromarray(image, "RGBA").convert("RGB"))
-        return image
-    raise TypeError(f"image: expected a path, PIL image or uint8 array, got {type(image)}")
-
-
-def bucket(length: int, multiple: int) -> int:
-    """The smallest multiple of `multiple` that holds `length`."""
-    return -(-length // multiple) * multiple
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """pixels (B, H, W, 3) normalised, zero on padding; pad_mask (B, H, W) True on padding;
-    orig_size, resized_size: (B, 2) (height, width) before and after resizing."""
-
-    pixels: np.ndarray
-    pad_mask: np.ndarray
-    orig_size: np.ndarray
-    resized_size: np.ndarray
-
-
-def prepare_batch(images: Sequence[np.ndarray], shorter: int, longer: int | None,
-                  multiple: int) -> Batch:
-    """(H_i, W_i, 3) uint8 images -> one Batch padded to the bucket of the largest."""
-    sizes = [resized_hw(im.shape[:2], shorter, longer) for im in images]
-    height = bucket(max(h for h, _ in sizes), multiple)
-    width = bucket(max(w for _, w in sizes), multiple)
-    pixels = np.zeros((len(images), height, width, 3), np.float32)
-    pad_mask = np.ones((len(images), height, width), bool)
-    for i, (image, (h, w)) in enumerate(zip(images, sizes)):
-        resized = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR), np.float32)
-        pixels[i, :h, :w] = (resized / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-        pad_mask[i, :h, :w] = False
-    orig = np.array([im.shape[:2] for im in images], np.int32)
-    return Batch(pixels, pad_mask, orig, np.array(sizes, np.int32))
-
 
 # ----------------------------------------------------------------------------- detector
 
@@ -354,30 +207,6 @@ class Detector:
         return draw_prediction(image, prediction, width)
 
 
-def draw_prediction(image, prediction: dict, width: int = 2) -> Image.Image:
-    """The image (RGB) with the boxes of a prediction dict ('boxes_xyxy', 'scores',
-    'labels', 'class_names', as Detector.predict returns) and '<class> <score>' labels."""
-    canvas = Image.fromarray(load_image(image))
-    draw = ImageDraw.Draw(canvas)
-    for box, score, label, name in zip(prediction["boxes_xyxy"], prediction["scores"],
-                                       prediction["labels"], prediction["class_names"]):
-        colour = colour_of(int(label))
-        x0, y0, x1, y1 = (float(v) for v in box)
-        draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=colour,
-                       width=width)
-        text = f"{name} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((x0, y0), text)
-        draw.rectangle([left, top, right, bottom], fill=colour)
-        draw.text((x0, y0), text, fill=(255, 255, 255))
-    return canvas
-
-
-def colour_of(label: int) -> tuple[int, int, int]:
-    """A fixed, distinct-enough RGB colour per label."""
-    rng = np.random.default_rng(label)
-    return tuple(int(c) for c in rng.integers(40, 216, 3))
-
-
 def _to_original_pixels(locations, level_shapes, padded_hw, resized_hw, orig_hw):
     """Normalised sampling locations (M, L, P, 2) (x, y over each padded level map) ->
     pixels of the original image (M, L, P, 2).
@@ -389,34 +218,3 @@ def _to_original_pixels(locations, level_shapes, padded_hw, resized_hw, orig_hw)
     stride = 2.0 ** np.round(np.log2(np.array(padded_hw[::-1], np.float32) / cells))  # (L, 2)
     scale = np.array([orig_hw[1] / resized_hw[1], orig_hw[0] / resized_hw[0]], np.float32)
     return locations * (cells * stride)[None, :, None, :] * scale  # (M, L, P, 2)
-
-
-def plot_attention(image, attention: dict, ax=None):
-    """Draws a query's sampling points on the image, one colour per level, the marker
-    area proportional to the attention weight, with its box. Returns the matplotlib Axes."""
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("plot_attention needs matplotlib: pip install matplotlib") from err
-    image = load_image(image)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 8 * image.shape[0] / image.shape[1]))
-    ax.imshow(image)
-    points, weights = attention["points_xy"], attention["weights"]  # (M, L, P, 2), (M, L, P)
-    colours = plt.get_cmap("tab10")
-    for level in range(points.shape[1]):
-        xy = points[:, level].reshape(-1, 2)  # (M*P, 2)
-        ax.scatter(xy[:, 0], xy[:, 1], s=600 * weights[:, level].reshape(-1), alpha=0.7,
-                   color=colours(level), edgecolors="white", linewidths=0.5,
-                   label=f"level {level}")
-    if attention["box_xyxy"] is not None:
-        x0, y0, x1, y1 = attention["box_xyxy"]
-        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow",
-                                   linewidth=2))
-        ax.set_title(f"layer {attention['layer']}, query {attention['query']}: "
-                     f"{attention['class_name']} {attention['score']:.2f}")
-    ax.set_xlim(0, image.shape[1])
-    ax.set_ylim(image.shape[0], 0)
-    ax.legend(loc="upper right", fontsize="small")
-    ax.axis("off")
-    return ax

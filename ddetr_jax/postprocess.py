@@ -26,6 +26,11 @@ from ddetr_jax.ops.manual_axes import make_varying, varying_axes
 NUM_TOP = 100  # detections per image in the published COCO evaluation
 
 
+def num_top_for(num_queries: int, num_classes: int) -> int:
+    """NUM_TOP, or every (query, class) pair of a model with fewer."""
+    return min(NUM_TOP, num_queries * num_classes)
+
+
 def check_nms_iou(value: float, name: str = "nms_iou") -> float:
     """value as a float if it is 0 (no NMS) or an IoU in (0, 1); else a ValueError."""
     value = float(value)

@@ -29,7 +29,8 @@ def build(devices):
     """
     import optax
 
-    from ddetr_jax.train.step import data_mesh, init_state, make_train_step, split_model
+    from ddetr_jax.sharding import data_mesh, split_model
+    from ddetr_jax.train.step import init_state, make_train_step
     from tests.train_fixtures import tiny_model
 
     graphdef, params, rest = split_model(tiny_model(dim=128))
@@ -40,7 +41,7 @@ def build(devices):
 
 
 def run_steps(step, state, mesh, process_id: int, num_processes: int):
-    from ddetr_jax.train.step import shard_batch
+    from ddetr_jax.sharding import shard_batch
     from tests.train_fixtures import random_batch
 
     share = GLOBAL_BATCH // num_processes

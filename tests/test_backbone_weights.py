@@ -8,7 +8,7 @@ from flax import nnx
 
 from ddetr_jax.convert import CheckpointMismatch, load_backbone_weights
 from ddetr_jax.models import DeformableDETR, ModelConfig
-from ddetr_jax.train.optimizer import OptimizerConfig, make_optimizer, param_group
+from ddetr_jax.optimizer import OptimizerConfig, make_optimizer, param_group
 
 SMALL = dict(backbone_depth=18, dim=32, ffn_dim=64, heads=2, enc_layers=1, dec_layers=1,
              num_queries=5, num_classes=4)

@@ -10,7 +10,7 @@ TINY = {"name": "shapes", "train_images": 2, "val_images": 1, "seed": 0}
 
 
 def _params(synthetic_settings):
-    return {k: synthetic_settings[k] for k in catalog.SYNTHETIC_FIELDS}
+    return {k: synthetic_settings[k] for k in synthetic.SYNTHETIC_FIELDS}
 
 
 def test_a_misspelt_name_is_an_error_naming_what_exists(tmp_path):

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ddetr_jax.checkpoints.loading import load_workdir_model
+from ddetr_jax.config import run_config
 from ddetr_jax.convert import CheckpointMismatch
 from ddetr_jax.evaluation.coco import METRICS
 from ddetr_jax.evaluation.run import config_for_checkpoint as evaluate_checkpoint_config
 from ddetr_jax.evaluation.run import evaluate_checkpoint
 from ddetr_jax.inference import Detector
-from ddetr_jax.train import loop, run_config
-from ddetr_jax.train.workdir import load_workdir_model
+from ddetr_jax.train import loop
 from tests.train_fixtures import TINY_DATA, load_config, make_tiny, prepare_tiny_data
 
 

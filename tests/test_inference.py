@@ -7,9 +7,12 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from ddetr_jax.checkpoints.loading import load_model
 from ddetr_jax.convert import CheckpointMismatch, save_converted
-from ddetr_jax.inference import (IMAGENET_MEAN, IMAGENET_STD, Detector, load_image, load_model,
-                                 plot_attention, prepare_batch)
+from ddetr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ddetr_jax.drawing import plot_attention
+from ddetr_jax.images import load_image, prepare_batch
+from ddetr_jax.inference import Detector
 from ddetr_jax.models import DeformableDETR, ModelConfig
 from ddetr_jax.postprocess import postprocess
 
@@ -167,7 +170,8 @@ def test_checkpoint_with_one_subtree_per_layer_loads_stacked(tmp_path):
 
     import orbax.checkpoint as ocp
 
-    from ddetr_jax.convert import WEIGHTS, load_converted
+    from ddetr_jax.checkpoints.loading import load_converted
+    from ddetr_jax.convert import WEIGHTS
     config = dataclasses.replace(TINY, enc_layers=2, with_box_refine=True, two_stage=True)
     model = DeformableDETR(config, rngs=nnx.Rngs(3))
     state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, WEIGHTS)))

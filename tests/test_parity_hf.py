@@ -17,8 +17,8 @@ import torch
 from flax import nnx
 from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
-from ddetr_jax.convert import (WEIGHTS, CheckpointMismatch, load_converted, load_torch_checkpoint,
-                               main)
+from ddetr_jax.checkpoints.loading import load_converted
+from ddetr_jax.convert import WEIGHTS, CheckpointMismatch, load_torch_checkpoint, main
 
 HEIGHT, WIDTH = 96, 128
 VARIANTS = {

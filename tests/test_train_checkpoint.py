@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddetr_jax.train.checkpoint import Checkpoints, CorruptCheckpoint, SaveFailed
+from ddetr_jax.checkpoints.store import Checkpoints, CorruptCheckpoint, SaveFailed
 from ddetr_jax.train.loop import restore_newest
 from ddetr_jax.train.metrics import IntervalMean, MetricsWriter
 
@@ -83,8 +83,8 @@ def test_disabled_writer_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize("keep", [0])
 def test_keep_must_be_positive(tmp_path, keep):
-    from ddetr_jax.train.defaults import base_config
-    from ddetr_jax.train.settings import resolve
+    from ddetr_jax.config.defaults import base_config
+    from ddetr_jax.config.settings import resolve
     c = base_config()
     c.keep_checkpoints = keep
     with pytest.raises(ValueError, match="keep_checkpoints"):
@@ -229,8 +229,8 @@ def _tensorboard_purges(directory) -> list[int]:
 
 def test_evaluation_names_the_damaged_file_and_the_steps(tmp_path):
     from ddetr_jax.convert import CheckpointMismatch
-    from ddetr_jax.train.run_config import as_json
-    from ddetr_jax.train.workdir import load_workdir_model
+    from ddetr_jax.config.run_config import as_json
+    from ddetr_jax.checkpoints.loading import load_workdir_model
     from tests.train_fixtures import load_config, make_tiny
     config = make_tiny(load_config("configs/quickstart.py"), tmp_path / "data")
     (tmp_path / "config.json").write_text(json.dumps(as_json(config)))

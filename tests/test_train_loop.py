@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from ddetr_jax.checkpoints.store import Checkpoints, SaveFailed
+from ddetr_jax.config.run_config import ConfigMismatch
 from ddetr_jax.train import loop
-from ddetr_jax.train.checkpoint import Checkpoints, SaveFailed
-from ddetr_jax.train.run_config import ConfigMismatch
 from tests.test_train_settings import CONFIGS
 from tests.train_fixtures import TINY_DATA, load_config, make_tiny, prepare_tiny_data
 

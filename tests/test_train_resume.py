@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from ddetr_jax.train.checkpoint import Checkpoints
-from ddetr_jax.train.workdir import restore_numpy
+from ddetr_jax.checkpoints.loading import restore_numpy
+from ddetr_jax.checkpoints.store import Checkpoints
 from tests.train_fixtures import train_py_setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

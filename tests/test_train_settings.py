@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from ddetr_jax.train import optimizer, run_config, settings
-from ddetr_jax.train.defaults import base_config
+from ddetr_jax import optimizer
+from ddetr_jax.config import run_config, settings
+from ddetr_jax.config.defaults import base_config
 from tests.train_fixtures import load_config
 
 CONFIGS = ("r50_deformable_detr", "r50_deformable_detr_single_scale",
@@ -163,7 +164,7 @@ def _config_flag(monkeypatch, path, *overrides):
 def test_every_dataclass_field_is_settable_on_every_config(name, monkeypatch):
     """--config.SECTION.FIELD for every field of ModelConfig, OptimizerConfig, LossConfig
     and MatchWeights; the base config holds each at its dataclass default."""
-    from ddetr_jax.train import defaults
+    from ddetr_jax.config import defaults
     from ddetr_jax.losses import LossConfig
     from ddetr_jax.matcher import MatchWeights
     from ddetr_jax.models import ModelConfig

@@ -7,9 +7,9 @@ import optax
 import pytest
 
 from ddetr_jax.losses import LossConfig
-from ddetr_jax.train.optimizer import OptimizerConfig, make_optimizer, param_group
-from ddetr_jax.train.step import (HostMatchedStep, data_mesh, init_state, make_train_step,
-                                  shard_batch, split_model)
+from ddetr_jax.optimizer import OptimizerConfig, make_optimizer, param_group
+from ddetr_jax.sharding import data_mesh, shard_batch, split_model
+from ddetr_jax.train.step import HostMatchedStep, init_state, make_train_step
 from tests.train_fixtures import random_batch, tiny_model
 
 OPT = OptimizerConfig(lr_drop_step=100)

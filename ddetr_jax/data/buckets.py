@@ -6,7 +6,23 @@ bucket instead of once per image size, and far less is padded than with one
 max_size x max_size shape.
 """
 
+import dataclasses
+
 import numpy as np
+
+from ddetr_jax.data.transforms import TransformConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    """What shapes a batch: global batch size, buckets, targets, transforms, and the
+    model's num_classes that every label must be below (None: not checked)."""
+
+    global_batch_size: int
+    buckets: tuple  # ((height, width), ...)
+    max_targets: int = 100
+    transform: TransformConfig = TransformConfig()
+    num_classes: int | None = None
 
 
 def sort_buckets(buckets):

@@ -24,7 +24,6 @@ from ddetr_jax.data import prepare, synthetic as synthetic_lib
 from ddetr_jax.data.source import DetectionSource, latest_version_dir
 
 log = logging.getLogger(__name__)
-SYNTHETIC_FIELDS = ("train_images", "val_images", "seed")
 
 
 def prepared_datasets(data_dir) -> list[str]:
@@ -112,7 +111,7 @@ def open_split(data_dir, name, split, synthetic: dict | None = None) -> Detectio
     """
     if synthetic and synthetic["name"] == name:
         dataset_dir = ensure_synthetic(data_dir, name,
-                                       **{k: synthetic[k] for k in SYNTHETIC_FIELDS})
+                                       **{k: synthetic[k] for k in synthetic_lib.SYNTHETIC_FIELDS})
     else:
         try:
             dataset_dir = latest_version_dir(data_dir, name)

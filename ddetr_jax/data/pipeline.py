@@ -33,7 +33,6 @@ every example exactly once: the last batch of each bucket is filled with
 padding examples (example_valid False).
 """
 
-import dataclasses
 import functools
 import logging
 from concurrent import futures
@@ -44,22 +43,11 @@ from absl import flags
 
 from ddetr_jax.data import buckets as bucket_lib
 from ddetr_jax.data import transforms
+from ddetr_jax.data.buckets import BatchConfig
 from ddetr_jax.data.source import decode_image
 
 PAD_INDEX = -1
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchConfig:
-    """What shapes a batch: global batch size, buckets, targets, transforms, and the
-    model's num_classes that every label must be below (None: not checked)."""
-
-    global_batch_size: int
-    buckets: tuple  # ((height, width), ...)
-    max_targets: int = 100
-    transform: transforms.TransformConfig = transforms.TransformConfig()
-    num_classes: int | None = None
 
 
 def check_category_ids(source, num_classes):

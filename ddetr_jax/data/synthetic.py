@@ -56,6 +56,8 @@ CATEGORIES = (
     (8, "ring", (40, 200, 215)),
 )
 SPLITS = ("train", "validation")
+# What a synthetic dataset records of how it was made (catalog rebuilds it when they change).
+SYNTHETIC_FIELDS = ("train_images", "val_images", "seed")
 
 SHORT_SIDE = (96, 224)
 ASPECT = (0.5, 2.0)

@@ -53,7 +53,7 @@ def make_predict_fn(graphdef, mesh: Mesh, num_top: int = NUM_TOP, fixed: tuple =
     shape (B, num_top[, 4]), sharded over 'data' like the batch. states: a
     tuple of nnx.States, replicated global arrays (e.g. (params,)); fixed: the
     States that complete the model with graphdef after them, closed over as
-    constants (e.g. the RNG and frozen terms, (rest,) from step.split_model);
+    constants (e.g. the RNG and frozen terms, (rest,) from sharding.split_model);
     nms_iou: > 0 adds class-wise NMS (postprocess.postprocess);
     batch: EVAL_KEYS arrays, the global batch sharded over 'data'.
     """

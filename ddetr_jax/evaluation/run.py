@@ -13,7 +13,6 @@ OUTPUT/images/<image_id>.png with the detections drawn.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 
@@ -21,44 +20,16 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddetr_jax.convert import CheckpointMismatch
+from ddetr_jax.checkpoints.loading import load_for_config, split_workdir_path
+from ddetr_jax.config import run_config
+from ddetr_jax.config import settings as settings_lib
 from ddetr_jax.data import pipeline
 from ddetr_jax.data.catalog import open_split
-from ddetr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ddetr_jax.drawing import drawn_batch_image
 from ddetr_jax.evaluation.coco import METRICS, format_metrics
 from ddetr_jax.evaluation.loop import evaluate_model, ground_truth_from_source, make_predict_fn
-from ddetr_jax.inference import draw_prediction, load_model
-from ddetr_jax.models import ModelConfig
-from ddetr_jax.postprocess import NUM_TOP
-from ddetr_jax.train import run_config
-from ddetr_jax.train import settings as settings_lib
-from ddetr_jax.train.step import data_mesh, split_model
-from ddetr_jax.train.workdir import load_workdir_model, split_workdir_path
-
-# Fields that do not change what a trained model computes at evaluation.
-IGNORED_FIELDS = ("dropout",)
-# What PyTorch weights cannot tell; taken from the config when converting weights
-# without the authors' args (args that disagree with the config are listed below).
-TORCH_DEFAULTS = ("dilation", "heads", "enc_points", "dec_points", "num_queries")
-
-
-def load_for_config(checkpoint, expected: ModelConfig, which: str = "latest"):
-    """(model, step or None) from any checkpoint kind; CheckpointMismatch listing every
-    ModelConfig field where the checkpoint's model differs from `expected`."""
-    step = None
-    if split_workdir_path(checkpoint) is not None:
-        model, info = load_workdir_model(checkpoint, which)
-        step = info["step"]
-    else:
-        model = load_model(checkpoint, {k: getattr(expected, k) for k in TORCH_DEFAULTS})
-    got = model.config
-    diffs = [f"model.{f.name}: checkpoint {getattr(got, f.name)!r}, config "
-             f"{getattr(expected, f.name)!r}" for f in dataclasses.fields(ModelConfig)
-             if f.name not in IGNORED_FIELDS and getattr(got, f.name) != getattr(expected, f.name)]
-    if diffs:
-        raise CheckpointMismatch(f"checkpoint {checkpoint} does not match the config:\n  "
-                                 + "\n  ".join(diffs))
-    return model, step
+from ddetr_jax.postprocess import num_top_for
+from ddetr_jax.sharding import data_mesh, split_model
 
 
 def config_for_checkpoint(config, checkpoint):
@@ -68,7 +39,8 @@ def config_for_checkpoint(config, checkpoint):
     WORKDIR/config.json: returned when `config` is None; a `config` whose data
     section contradicts it (another dataset, split, synthetic parameters,
     resize...; not data_dir or loading fields) raises ConfigMismatch listing each
-    field. Its model section is checked against the checkpoint by load_for_config.
+    field. Its model section is checked against the checkpoint by
+    checkpoints.loading.load_for_config.
     """
     found = split_workdir_path(checkpoint)
     if found is None:
@@ -88,20 +60,6 @@ def config_for_checkpoint(config, checkpoint):
     return config
 
 
-def _drawn_image(batch, row, detections, names, threshold):
-    """The resized, unpadded image of one batch row with its detections (resized pixels)."""
-    h, w = (int(v) for v in batch["size"][row])
-    pixels = batch["images"][row, :h, :w] * IMAGENET_STD + IMAGENET_MEAN
-    image = np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    scale = np.array([w, h, w, h], np.float32) / np.tile(batch["orig_size"][row][::-1], 2)
-    keep = detections["scores"][row] >= threshold
-    labels = detections["labels"][row][keep]
-    prediction = {"boxes_xyxy": detections["boxes_xyxy"][row][keep] * scale,
-                  "scores": detections["scores"][row][keep], "labels": labels,
-                  "class_names": [names.get(int(label), str(int(label))) for label in labels]}
-    return draw_prediction(image, prediction)
-
-
 def evaluate_checkpoint(config, checkpoint, output, *, split: str | None = None,
                         which: str = "latest", num_draw: int = 0,
                         score_threshold: float = 0.5) -> dict:
@@ -119,7 +77,7 @@ def evaluate_checkpoint(config, checkpoint, output, *, split: str | None = None,
     graphdef, params, rest = split_model(model)
     params = jax.device_put(jax.tree.map(np.asarray, params), NamedSharding(mesh, P()))
     predict = make_predict_fn(graphdef, mesh, fixed=(rest,),
-                              num_top=min(NUM_TOP, expected.num_queries * expected.num_classes),
+                              num_top=num_top_for(expected.num_queries, expected.num_classes),
                               nms_iou=settings_lib.eval_nms_iou(config))
     output = pathlib.Path(output).expanduser()
     output.mkdir(parents=True, exist_ok=True)
@@ -129,7 +87,7 @@ def evaluate_checkpoint(config, checkpoint, output, *, split: str | None = None,
     def draw(batch, detections):
         for row in range(len(batch["image_id"])):
             if len(drawn) < num_draw and batch["example_valid"][row]:
-                image = _drawn_image(batch, row, detections, names, score_threshold)
+                image = drawn_batch_image(batch, row, detections, names, score_threshold)
                 path = output / "images" / f"{int(batch['image_id'][row])}.png"
                 path.parent.mkdir(exist_ok=True)
                 image.save(path)

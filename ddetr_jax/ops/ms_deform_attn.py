@@ -41,7 +41,7 @@ from ddetr_jax.ops.manual_axes import make_varying, varying_axes
 SpatialShapes = tuple[tuple[int, int], ...]
 
 
-def _normalise_shapes(spatial_shapes: Sequence[Sequence[int]]) -> SpatialShapes:
+def _normalize_shapes(spatial_shapes: Sequence[Sequence[int]]) -> SpatialShapes:
     try:
         shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
     except (TypeError, ValueError) as err:
@@ -291,7 +291,7 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
       ValueError at trace time, naming the argument, when ranks or shapes are
       inconsistent.
     """
-    shapes = _normalise_shapes(spatial_shapes)
+    shapes = _normalize_shapes(spatial_shapes)
     _check_inputs(value, shapes, sampling_locations, attention_weights)
     value, sampling_locations, attention_weights = _vary_alike(
         value, sampling_locations, attention_weights)

@@ -31,6 +31,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from ddetr_jax.checkpoints.store import Checkpoints, CorruptCheckpoint, SaveFailed
+from ddetr_jax.config import run_config, settings as settings_lib
 from ddetr_jax.convert import load_backbone_weights
 from ddetr_jax.data import pipeline
 from ddetr_jax.data.catalog import open_split
@@ -38,13 +40,12 @@ from ddetr_jax.evaluation.coco import METRICS, format_metrics
 from ddetr_jax.evaluation.loop import evaluate_model, ground_truth_from_source, make_predict_fn
 from ddetr_jax.models import DeformableDETR
 from ddetr_jax.models.backbone import FrozenStat
-from ddetr_jax.postprocess import NUM_TOP
-from ddetr_jax.train import run_config, settings as settings_lib
-from ddetr_jax.train.checkpoint import Checkpoints, CorruptCheckpoint, SaveFailed
+from ddetr_jax.optimizer import make_optimizer
+from ddetr_jax.postprocess import num_top_for
+from ddetr_jax.sharding import data_mesh, shard_batch, split_model
 from ddetr_jax.train.metrics import IntervalMean, MetricsWriter
-from ddetr_jax.train.optimizer import make_optimizer
 from ddetr_jax.train.progress import Progress
-from ddetr_jax.train.step import data_mesh, init_state, make_train_step, shard_batch, split_model
+from ddetr_jax.train.step import init_state, make_train_step
 from ddetr_jax.train.workdir_lock import WorkdirBusy, WorkdirLock
 
 log = logging.getLogger(__name__)
@@ -199,9 +200,9 @@ class Trainer:
         self.state = init_state(params, self.tx, self.mesh)
         self.step_fn = make_train_step(self.graphdef, rest, self.tx, self.lr, self.mesh,
                                        s.loss, DTYPES[s.compute_dtype], s.remat)
-        self.predict = make_predict_fn(self.graphdef, self.mesh, num_top=min(
-            NUM_TOP, s.model.num_queries * s.model.num_classes), fixed=(rest,),
-            nms_iou=s.eval_nms_iou)
+        self.predict = make_predict_fn(
+            self.graphdef, self.mesh, fixed=(rest,), nms_iou=s.eval_nms_iou,
+            num_top=num_top_for(s.model.num_queries, s.model.num_classes))
         self.checkpoints = Checkpoints(self.workdir, s.keep_checkpoints)
         self.ground_truth = None
         self.consecutive_nonfinite = 0

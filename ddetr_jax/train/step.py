@@ -22,25 +22,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ddetr_jax.losses import LossConfig, criterion, matching_costs
 from ddetr_jax.matcher import scipy_assign
 from ddetr_jax.ops.manual_axes import make_varying
-
-BATCH_KEYS = ("images", "pad_mask", "boxes_cxcywh", "labels", "target_valid")
-
+from ddetr_jax.sharding import BATCH_KEYS
 
 class TrainState(NamedTuple):
     params: Any  # nnx.State of nnx.Param
     opt_state: Any
     step: jax.Array  # () int32, counts applied updates
-
-
-def data_mesh(devices=None) -> Mesh:
-    """1-D ('data',) mesh over every device of every process."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
-
-
-def split_model(model: nnx.Module):
-    """model -> (graphdef, params, rest): trainable-type parameters apart from
-    everything else (frozen batch-norm terms, RNG state)."""
-    return nnx.split(model, nnx.Param, ...)
 
 
 def init_state(params, tx, mesh: Mesh) -> TrainState:
@@ -256,13 +243,3 @@ class LoweredPair(NamedTuple):
 
     def compile(self):
         return self.forward.compile(), self.update.compile()
-
-
-def shard_batch(batch, mesh: Mesh):
-    """Process-local numpy batch -> global arrays sharded over ('data',).
-
-    Each process passes only its own share (global batch / process count).
-    """
-    sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-            for k in BATCH_KEYS}

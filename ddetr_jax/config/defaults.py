@@ -3,7 +3,9 @@
 The authors' main.py defaults and configs/r50_deformable_detr.sh: global
 batch 32 (2 images on each of 16 GPUs), 50 epochs, lr drop at epoch 40,
 AdamW 2e-4 / backbone 2e-5 / sampling offsets and reference points x0.1,
-weight decay 1e-4, clipping 0.1, losses 2 / 5 / 2, COCO 2017 from TFDS.
+weight decay 1e-4, clipping 0.1, losses 2 / 5 / 2, COCO 2017 from TFDS
+(prepare it first, README: Data). Set --config.backbone_weights to an ImageNet
+ResNet-50 (torchvision .pth) as the authors do.
 The model, optimizer and loss sections are the fields of ModelConfig,
 OptimizerConfig, LossConfig and MatchWeights with their defaults (written
 once, in those dataclasses), so every field is settable as --config.SECTION.FIELD.
@@ -17,7 +19,7 @@ from ddetr_jax.data.transforms import TransformConfig
 from ddetr_jax.losses import LossConfig
 from ddetr_jax.matcher import MatchWeights
 from ddetr_jax.models import ModelConfig
-from ddetr_jax.train.optimizer import OptimizerConfig
+from ddetr_jax.optimizer import OptimizerConfig
 
 # Fields a config does not set: resolved from the epochs (optimizer), a
 # training-step setting (loss), or the focal loss's (matcher alpha / gamma).

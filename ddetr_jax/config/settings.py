@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from ddetr_jax.data.catalog import SYNTHETIC_FIELDS
-from ddetr_jax.data.pipeline import BatchConfig
+from ddetr_jax.data.buckets import BatchConfig
+from ddetr_jax.data.synthetic import SYNTHETIC_FIELDS
 from ddetr_jax.data.transforms import TransformConfig
 from ddetr_jax.losses import LossConfig
 from ddetr_jax.matcher import MatchWeights
 from ddetr_jax.models import ModelConfig
 from ddetr_jax.models.stack import check_remat
+from ddetr_jax.optimizer import OptimizerConfig
 from ddetr_jax.postprocess import check_nms_iou
-from ddetr_jax.train.optimizer import OptimizerConfig
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 MATCHER_FIELDS = {"class_cost", "bbox_cost", "giou_cost"}

@@ -14,6 +14,7 @@ import json
 import pathlib
 
 import ml_collections
+from flax import traverse_util
 
 MAY_CHANGE = frozenset({
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
@@ -25,15 +26,10 @@ class ConfigMismatch(ValueError):
     """The workdir's saved config contradicts the new one."""
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def flatten(tree: dict) -> dict:
+    """{"a": {"b": 1}, "c": {}} -> {"a.b": 1, "c": {}}."""
+    flat = traverse_util.flatten_dict(tree, keep_empty_nodes=True, sep=".")
+    return {k: {} if v is traverse_util.empty_node else v for k, v in flat.items()}
 
 
 def differences(saved: dict, new: dict) -> list[str]:
@@ -70,7 +66,7 @@ def as_json(config) -> dict:
 def _with_defaults(saved: dict, new: dict) -> dict:
     """The saved config (flat), plus the fields of `new` it lacks at base_config()'s
     defaults."""
-    from ddetr_jax.train.defaults import base_config
+    from ddetr_jax.config.defaults import base_config
     base, old = flatten(as_json(base_config())), flatten(saved)
     return {**{k: base[k] for k in flatten(new) if k not in old and k in base}, **old}
 

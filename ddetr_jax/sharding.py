@@ -1,0 +1,32 @@
+"""Data parallelism over a 1-D ('data',) device mesh: the mesh, the model split
+into what is trained and what is not, and a process's batch as global arrays."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_KEYS = ("images", "pad_mask", "boxes_cxcywh", "labels", "target_valid")
+
+
+def data_mesh(devices=None) -> Mesh:
+    """1-D ('data',) mesh over every device of every process."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def split_model(model: nnx.Module):
+    """model -> (graphdef, params, rest): trainable-type parameters apart from
+    everything else (frozen batch-norm terms, RNG state)."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Process-local numpy training batch -> global arrays sharded over ('data',).
+
+    Each process passes only its own share (global batch / process count).
+    """
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+            for k in BATCH_KEYS}
