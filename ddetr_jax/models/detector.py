@@ -35,7 +35,7 @@ from ddetr_jax.models.attention import linear
 from ddetr_jax.models.backbone import ResNet, resize_mask
 from ddetr_jax.models.position import box_sine_embedding, sine_position_embedding
 from ddetr_jax.models.transformer import (Decoder, Encoder, encoder_proposals, layer_norm,
-                                          valid_ratios)
+                                          refine_logits, valid_ratios)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +144,10 @@ class DeformableDETR(nnx.Module):
             self.reference_points = linear(c.dim, 2, rngs=rngs)
         class_head = _class_head(c.dim, c.num_classes, rngs=rngs)
         box_head = BoxHead(c.dim, rngs=rngs)
+        # The authors' -2.0 rule: the (w, h) bias of the box head that refines point
+        # references (the shared head; with refinement only copy 0) starts at -2.0, so the
+        # first boxes are sigmoid(-2) ~ 0.12 of the image wide and high; the other copies
+        # start at 0 and keep the box they refine. Two-stage sets none: proposals have sizes.
         if c.with_box_refine:
             # Clones with identical initial weights, as the authors' _get_clones.
             count = c.dec_layers + (1 if c.two_stage else 0)
@@ -178,6 +182,36 @@ class DeformableDETR(nnx.Module):
         positions = [sine_position_embedding(m, self.config.dim // 2) for m in masks]
         return sources, masks, positions
 
+    def learned_queries(self, batch: int):
+        """tgt, query_pos (B, Q, D): the learned embeddings (Q, 2D) split; reference (B, Q, 2):
+        a linear map of query_pos. Mirrors the authors' DeformableTransformer (one-stage)."""
+        c = self.config
+        embed = self.query_embed.embedding[...]  # (Q, 2D)
+        query_pos = jnp.broadcast_to(embed[None, :, :c.dim], (batch, c.num_queries, c.dim))
+        tgt = jnp.broadcast_to(embed[None, :, c.dim:], (batch, c.num_queries, c.dim))
+        return tgt, query_pos, jax.nn.sigmoid(self.reference_points(query_pos))
+
+    def two_stage_queries(self, memory, mask, shapes):
+        """Queries from the Q encoder proposals the last heads score best (class 0's logit).
+
+        memory: (B, S, D); mask: (B, S) True on padding. Returns tgt, query_pos
+        (B, Q, D) (the proposals' sine embedding), reference (B, Q, 4) (gradient
+        stopped) and enc_outputs {'pred_logits': (B, S, C), 'pred_boxes': (B, S, 4)}.
+        Mirrors the two_stage branch of the authors' DeformableTransformer.
+        """
+        c = self.config
+        proposal_memory, proposals = encoder_proposals(memory, mask, shapes)
+        proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
+        enc_logits = stack.layer(self.class_embed, c.dec_layers)(proposal_memory)  # (B, S, C)
+        box_head = stack.layer(self.bbox_embed, c.dec_layers)
+        enc_coords = refine_logits(proposals, box_head(proposal_memory))  # (B, S, 4)
+        _, top = jax.lax.top_k(enc_logits[..., 0], c.num_queries)  # (B, Q)
+        top_coords = jax.lax.stop_gradient(
+            jnp.take_along_axis(enc_coords, top[..., None], axis=1))  # (B, Q, 4)
+        query = self.pos_trans_norm(self.pos_trans(box_sine_embedding(top_coords, c.dim // 2)))
+        enc_outputs = {"pred_logits": enc_logits, "pred_boxes": jax.nn.sigmoid(enc_coords)}
+        return query[..., c.dim:], query[..., :c.dim], jax.nn.sigmoid(top_coords), enc_outputs
+
     def __call__(self, images, pad_mask, *, deterministic: bool = True, remat: str = "none",
                  with_attention: bool = False):
         """images: (B, H, W, 3) normalised; pad_mask: (B, H, W) True on padding.
@@ -198,29 +232,12 @@ class DeformableDETR(nnx.Module):
         memory = self.encoder(src, pos, shapes, ratios, mask, deterministic=deterministic,
                               remat=remat)
 
-        out = {}
         if c.two_stage:
-            proposal_memory, proposals = encoder_proposals(memory, mask, shapes)
-            proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
-            class_head = stack.layer(self.class_embed, c.dec_layers)
-            box_head = stack.layer(self.bbox_embed, c.dec_layers)
-            enc_logits = class_head(proposal_memory)  # (B, S, C)
-            enc_coords = box_head(proposal_memory) + proposals  # (B, S, 4) inverse sigmoid
-            out["enc_outputs"] = {"pred_logits": enc_logits,
-                                  "pred_boxes": jax.nn.sigmoid(enc_coords)}
-            _, top = jax.lax.top_k(enc_logits[..., 0], c.num_queries)  # (B, Q)
-            top_coords = jax.lax.stop_gradient(
-                jnp.take_along_axis(enc_coords, top[..., None], axis=1))  # (B, Q, 4)
-            reference = jax.nn.sigmoid(top_coords)
-            query = self.pos_trans_norm(self.pos_trans(box_sine_embedding(top_coords,
-                                                                          c.dim // 2)))
-            query_pos, tgt = query[..., :c.dim], query[..., c.dim:]
+            tgt, query_pos, reference, enc_outputs = self.two_stage_queries(memory, mask, shapes)
+            out = {"enc_outputs": enc_outputs}
         else:
-            embed = self.query_embed.embedding[...]  # (Q, 2D)
-            query_pos = jnp.broadcast_to(embed[None, :, :c.dim], (b, c.num_queries, c.dim))
-            tgt = jnp.broadcast_to(embed[None, :, c.dim:], (b, c.num_queries, c.dim))
-            reference = jax.nn.sigmoid(self.reference_points(query_pos))  # (B, Q, 2)
-
+            tgt, query_pos, reference = self.learned_queries(b)
+            out = {}
         decoded = self.decoder(tgt, query_pos, reference, memory, shapes, ratios, mask,
                                self.class_embed, self.bbox_embed, c.with_box_refine,
                                deterministic=deterministic, remat=remat)

@@ -139,15 +139,14 @@ def inverse_sigmoid(x, eps: float = 1e-5):
     return jnp.log(jnp.clip(x, eps) / jnp.clip(1 - x, eps))
 
 
-def refine_boxes(reference, delta):
-    """Boxes of a layer: its head's delta added to its reference in inverse-sigmoid space.
+def refine_logits(reference_logits, delta):
+    """Box refinement: a head's delta added to its reference in inverse-sigmoid space.
 
-    reference: (..., 2|4) normalised (cx, cy[, w, h]); delta: (..., 4) ->
-    (..., 4) normalised boxes. With box refinement they are the next layer's
-    reference (gradient stopped).
+    reference_logits: (..., 2|4) inverse sigmoid of normalised (cx, cy[, w, h]);
+    delta: (..., 4) -> (..., 4) box logits; their sigmoid is the boxes (with box
+    refinement the next layer's reference, gradient stopped).
     """
-    logits = delta.at[..., :reference.shape[-1]].add(inverse_sigmoid(reference))
-    return jax.nn.sigmoid(logits)
+    return delta.at[..., :reference_logits.shape[-1]].add(reference_logits)
 
 
 class Decoder(nnx.Module):
@@ -191,14 +190,14 @@ class Decoder(nnx.Module):
                 return tgt, (tgt, sampling)
 
             _, (states, sampling) = stack.scan((self.layers,), body, tgt, remat=remat)
-            boxes = refine_boxes(reference_points, box_head(states))
-            return _decoder_outputs(class_head(states), boxes, sampling)
+            logits = refine_logits(inverse_sigmoid(reference_points), box_head(states))
+            return _decoder_outputs(class_head(states), jax.nn.sigmoid(logits), sampling)
 
         def refined(modules, carry, _):
             layer, layer_class_head, layer_box_head = modules
             tgt, reference = carry
             tgt, sampling = run_layer(layer, tgt, reference)
-            boxes = refine_boxes(reference, layer_box_head(tgt))
+            boxes = jax.nn.sigmoid(refine_logits(inverse_sigmoid(reference), layer_box_head(tgt)))
             return (tgt, jax.lax.stop_gradient(boxes)), (layer_class_head(tgt), boxes, sampling)
 
         stacks = (self.layers, class_head, box_head)
