@@ -90,6 +90,24 @@ class _StopSignal:
             signal.signal(signum, handler)
 
 
+class _UnreadMetrics:
+    """Holds a step's metrics until the next step is queued, so reading them (a device
+    to host copy) never leaves the device idle; read() records what it holds."""
+
+    def __init__(self, record):
+        self._record, self._held = record, None
+
+    def hold(self, iteration: int, metrics) -> None:
+        """Records the step held so far, then holds this one."""
+        self.read()
+        self._held = (iteration, metrics)
+
+    def read(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._record(*held)
+
+
 def _any_process(*flags: bool) -> tuple[bool, ...]:
     """Each flag: whether it is set on any process (one collective when there are several)."""
     values = np.asarray(flags, np.int32)
@@ -298,19 +316,19 @@ class Trainer:
         progress = Progress(start, s.total_steps, s.steps_per_epoch,
                             s.train_batch.global_batch_size, enabled=self.is_main)
         rng = jax.random.key(s.seed)
-        means, last_eval, pending = IntervalMean(), {}, None
+        means, last_eval = IntervalMean(), {}
+        unread = _UnreadMetrics(lambda iteration, metrics: self._record_step(
+            iteration, metrics, means, writer, progress))
         try:
             with _StopSignal() as stop:
                 for iteration in range(start + 1, s.total_steps + 1):
                     batch = shard_batch(next(iterator), self.mesh)
                     self.state, metrics = self.step_fn(self.state, batch, rng)
-                    if pending is not None:  # read the previous step's metrics: no stall
-                        self._after_step(*pending, means, writer, progress)
-                    pending = (iteration, metrics)
-                    if self._boundary(iteration):
-                        self._after_step(*pending, means, writer, progress)
-                        pending = None
-                        last_eval = self._at_boundary(iteration, iterator, writer) or last_eval
+                    unread.hold(iteration, metrics)
+                    if self._reads_at_once(iteration):
+                        unread.read()
+                        last_eval = self._evaluate_and_save(iteration, iterator, writer) \
+                            or last_eval
                     failure = self._save_failure()
                     stopped, failed = _any_process(stop.received is not None,
                                                    failure is not None)
@@ -318,8 +336,7 @@ class Trainer:
                         raise failure or SaveFailed("a checkpoint save failed on another "
                                                     "process (see its output); stopping")
                     if stopped:
-                        if pending is not None:
-                            self._after_step(*pending, means, writer, progress)
+                        unread.read()
                         if self.checkpoints.latest_step() != iteration:
                             self._save(iteration, iterator)
                         self.checkpoints.wait()
@@ -342,17 +359,21 @@ class Trainer:
             return failure
         return None
 
-    def _boundary(self, iteration: int) -> bool:
+    def _reads_at_once(self, iteration: int) -> bool:
+        """Whether this step's metrics are read before the next step: it logs,
+        evaluates or saves."""
         s = self.s
         return (iteration % s.log_every_steps == 0 or iteration == s.total_steps
-                or iteration % s.checkpoint_every_steps == 0 or self._eval_due(iteration))
+                or iteration % s.checkpoint_every_steps == 0 or self._evaluates_at(iteration))
 
-    def _eval_due(self, iteration: int) -> bool:
+    def _evaluates_at(self, iteration: int) -> bool:
         s = self.s
         return iteration == s.total_steps or (
             s.eval_every_steps > 0 and iteration % s.eval_every_steps == 0)
 
-    def _after_step(self, iteration, metrics, means, writer, progress):
+    def _record_step(self, iteration, metrics, means, writer, progress):
+        """A step's metrics: the finiteness check, the interval means, the progress bar,
+        and at log steps a metrics row."""
         metrics = jax.device_get(metrics)
         self._check_finite(iteration, bool(metrics["nonfinite"]))
         means.add(metrics)
@@ -366,8 +387,9 @@ class Trainer:
             progress.log(f"step {iteration}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in sorted(record.items(), key=_display_order)))
 
-    def _at_boundary(self, iteration, iterator, writer) -> dict | None:
-        evaluation = self.evaluate(iteration, writer) if self._eval_due(iteration) else None
+    def _evaluate_and_save(self, iteration, iterator, writer) -> dict | None:
+        """Evaluates at eval steps and saves at eval and checkpoint steps; the evaluation."""
+        evaluation = self.evaluate(iteration, writer) if self._evaluates_at(iteration) else None
         if evaluation is not None or iteration % self.s.checkpoint_every_steps == 0:
             self._save(iteration, iterator,
                        None if evaluation is None else {"eval/AP": evaluation["AP"]})
