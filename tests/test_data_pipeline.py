@@ -1,6 +1,7 @@
 """The grain pipeline: the batch contract, buckets, determinism, resume, shards, eval."""
 
 import logging
+import pathlib
 
 import numpy as np
 import pytest
@@ -229,6 +230,30 @@ class _Relabelled:
         element = dict(self.source[index])
         element["labels"] = element["labels"] + self.shift
         return element
+
+
+def test_the_buckets_command_fits_every_size_of_a_prepared_dataset(data, capsys):
+    """python -m ddetr_jax.data.buckets: config lines whose buckets hold every image of
+    the dataset after the given transform, with less padding than one square shape."""
+    _, sources, sizes = data
+    root = pathlib.Path(sources["train"].dataset_dir).parents[1]  # the data_dir
+    flags = ["--scales", "96", "128", "--max_size", "200", "--val_scale", "112",
+             "--crop_resize_scales", "100", "--crop_size", "64", "96"]
+    assert bucket_lib.main(["shapes", "--data_dir", str(root), "--num_buckets", "3",
+                            "--multiple", "16", *flags]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    config = transforms.TransformConfig(scales=(96, 128), max_size=200, val_scale=112,
+                                        crop_resize_scales=(100,), crop_size=(64, 96))
+    for split, train, line in (("train", True, lines[1]), ("validation", False, lines[3])):
+        field, buckets = line.split(" = ")
+        assert field == f"c.data.{'buckets' if train else 'eval_buckets'}"
+        buckets = eval(buckets)
+        assert len(buckets) == 3 and all(side % 16 == 0 for b in buckets for side in b)
+        out = bucket_lib.transformed_sizes(sizes[split], config, train, epochs=3)
+        bucket_lib.assign_buckets(out, buckets)  # raises if a size fits none
+    assert "% padding (one " in lines[0] and "% padding (one " in lines[2]
+    assert bucket_lib.main(["missing", "--data_dir", str(root)]) == 1
+    assert "no prepared versions" in capsys.readouterr().err
 
 
 def test_labels_the_model_cannot_predict_are_refused(data):

@@ -1,16 +1,23 @@
 """Static (H, W) buckets: which bucket holds an image, and choosing a bucket set.
 
+    python -m ddetr_jax.data.buckets NAME --data_dir DIR [--num_buckets 12] [--scales ...]
+prints the buckets for a prepared dataset's image sizes (after the training
+geometry and the validation resize of the given transform; default the
+published one) as config lines, with the padding they leave.
+
 Every image is padded bottom/right to the smallest
 (by area) configured bucket that holds it, so the model compiles once per
 bucket instead of once per image size, and far less is padded than with one
 max_size x max_size shape.
 """
 
+import argparse
 import dataclasses
+import sys
 
 import numpy as np
 
-from ddetr_jax.data.transforms import TransformConfig
+from ddetr_jax.data.transforms import TransformConfig, eval_geometry, sample_train_geometry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,3 +141,64 @@ def choose_buckets(sizes_hw, num_buckets, multiple=64, passes=3):
                _search(waste, counts, covered, num_buckets, passes)]
     best = min(results, key=lambda chosen: _total_waste(waste, counts, chosen))
     return sort_buckets(candidates[sorted(set(best))])
+
+
+def transformed_sizes(sizes_hw, config: TransformConfig, train: bool, epochs: int = 1,
+                      seed: int = 0) -> np.ndarray:
+    """(N, 2) original sizes -> (N * epochs, 2) sizes after the training geometry
+    (one draw per image and epoch) or (N, 2) after the validation resize."""
+    if not train:
+        return np.array([eval_geometry(tuple(s), config).out_hw for s in sizes_hw])
+    rng = np.random.default_rng(seed)
+    return np.array([sample_train_geometry(rng, tuple(s), config).out_hw
+                     for _ in range(epochs) for s in sizes_hw])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ddetr_jax.data.buckets",
+        description="Size buckets for a prepared dataset (README: Data), printed as config "
+                    "lines. The transform flags default to the published recipe; pass a "
+                    "config's data.* values for another.")
+    parser.add_argument("name", help="dataset name under --data_dir, e.g. coco/2017")
+    parser.add_argument("--data_dir", default="~/tensorflow_datasets")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--eval_split", default="validation")
+    parser.add_argument("--num_buckets", type=int, default=12)
+    parser.add_argument("--multiple", type=int, default=32, help="bucket sides are multiples")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="training geometry draws per image")
+    for field in dataclasses.fields(TransformConfig):
+        default = getattr(TransformConfig(), field.name)
+        kind = type(default[0]) if isinstance(default, tuple) else type(default)
+        parser.add_argument(f"--{field.name}", type=kind, default=default,
+                            nargs="+" if isinstance(default, tuple) else None)
+    return parser
+
+
+def main(argv=None) -> int:
+    from ddetr_jax.data.source import DetectionSource, latest_version_dir, read_sizes
+    args = _parser().parse_args(argv)
+    config = TransformConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list)
+                                else v for f in dataclasses.fields(TransformConfig)})
+    try:
+        dataset_dir = latest_version_dir(args.data_dir, args.name)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for split, train, field in ((args.split, True, "buckets"),
+                                (args.eval_split, False, "eval_buckets")):
+        source = DetectionSource(dataset_dir, split)
+        sizes = transformed_sizes(read_sizes(source), config, train, args.epochs)
+        buckets = choose_buckets(sizes, args.num_buckets, args.multiple)
+        square = [tuple(-(-sizes.max(axis=0).max() // args.multiple) * args.multiple
+                        for _ in range(2))]
+        print(f"# {split}: {len(source)} images{f' x {args.epochs} draws' if train else ''}, "
+              f"{padded_fraction(sizes, buckets):.1%} padding "
+              f"(one {square[0][0]}x{square[0][1]} shape: {padded_fraction(sizes, square):.1%})")
+        print(f"c.data.{field} = {tuple(tuple(int(v) for v in b) for b in buckets)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,7 +35,6 @@ padding examples (example_valid False).
 
 import functools
 import logging
-from concurrent import futures
 
 import grain
 import numpy as np
@@ -44,7 +43,7 @@ from absl import flags
 from ddetr_jax.data import buckets as bucket_lib
 from ddetr_jax.data import transforms
 from ddetr_jax.data.buckets import BatchConfig
-from ddetr_jax.data.source import decode_image
+from ddetr_jax.data.source import decode_image, read_sizes
 
 PAD_INDEX = -1
 log = logging.getLogger(__name__)
@@ -69,14 +68,6 @@ def check_labels(labels, num_classes, image_id):
         raise ValueError(f"image {image_id}: label {int(outside[0])} lies outside "
                          f"[0, model.num_classes={num_classes}); its object would never be "
                          "matched")
-
-
-def read_sizes(source, num_threads=16):
-    """(N, 2) int32 (height, width) of every example of `source` (reads every
-    record once, decoding only the image header)."""
-    with futures.ThreadPoolExecutor(num_threads) as pool:
-        sizes = list(pool.map(lambda i: source[i]["orig_size"], range(len(source))))
-    return np.asarray(sizes, np.int32).reshape(-1, 2)
 
 
 def example_rng(seed, epoch, index):
