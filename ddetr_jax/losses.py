@@ -18,13 +18,12 @@ from ddetr_jax.matcher import MatchWeights, cost_matrix, match
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss weights (published 2 / 5 / 2), focal parameters, matcher."""
+    """Loss weights (published 2 / 5 / 2); the matching costs and the focal parameters
+    (matcher); the assignment solver."""
 
     class_weight: float = 2.0
     bbox_weight: float = 5.0
     giou_weight: float = 2.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
     matcher: MatchWeights = MatchWeights()
     solver: str = "scipy"  # or "optax" (on device)
     nonfinite_costs: str = "raise"  # or "unmatched" (see matcher.match)
@@ -54,8 +53,8 @@ def set_losses(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, query_for_t
     batch = jnp.arange(b)[:, None]
     onehot = jnp.zeros((b, q, c), jnp.float32).at[batch, query, labels].add(
         matched.astype(jnp.float32))  # (B, Q, C)
-    loss_ce = sigmoid_focal_loss(pred_logits, onehot, config.focal_alpha,
-                                 config.focal_gamma).sum() / num_boxes
+    loss_ce = sigmoid_focal_loss(pred_logits, onehot, config.matcher.focal_alpha,
+                                 config.matcher.focal_gamma).sum() / num_boxes
     pred = jnp.take_along_axis(pred_boxes_cxcywh.astype(jnp.float32), query[..., None],
                                axis=1)  # (B, T, 4)
     target = boxes_cxcywh.astype(jnp.float32)

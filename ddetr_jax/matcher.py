@@ -25,13 +25,14 @@ from ddetr_jax.ops.manual_axes import varying_axes
 
 @dataclasses.dataclass(frozen=True)
 class MatchWeights:
-    """Weights of the three matching costs (published: 2 / 5 / 2)."""
+    """Weights of the three matching costs (published: 2 / 5 / 2) and the focal
+    parameters, shared by the class cost and the focal loss."""
 
     class_cost: float = 2.0
     bbox_cost: float = 5.0
     giou_cost: float = 2.0
-    alpha: float = 0.25
-    gamma: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
 
 
 def cost_matrix(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, weights: MatchWeights):
@@ -41,7 +42,7 @@ def cost_matrix(pred_logits, pred_boxes_cxcywh, labels, boxes_cxcywh, weights: M
     boxes_cxcywh: (B, T, 4) -> cost (B, Q, T) in float32.
     """
     prob = jax.nn.sigmoid(pred_logits.astype(jnp.float32))
-    a, g = weights.alpha, weights.gamma
+    a, g = weights.focal_alpha, weights.focal_gamma
     neg = (1 - a) * prob ** g * -jnp.log(1 - prob + 1e-8)
     pos = a * (1 - prob) ** g * -jnp.log(prob + 1e-8)
     class_cost = jnp.take_along_axis(pos - neg, labels[:, None, :], axis=2)  # (B, Q, T)

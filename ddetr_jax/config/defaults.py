@@ -21,10 +21,10 @@ from ddetr_jax.matcher import MatchWeights
 from ddetr_jax.models import ModelConfig
 from ddetr_jax.optimizer import OptimizerConfig
 
-# Fields a config does not set: resolved from the epochs (optimizer), a
-# training-step setting (loss), or the focal loss's (matcher alpha / gamma).
+# Fields a config does not set: resolved from the epochs (optimizer), a training-step
+# setting (loss), or a section of its own (the matcher's fields sit beside the loss's).
 NOT_IN_CONFIG = {OptimizerConfig: ("lr_drop_step", "total_steps"),
-                 LossConfig: ("matcher", "nonfinite_costs"), MatchWeights: ("alpha", "gamma")}
+                 LossConfig: ("matcher", "nonfinite_costs")}
 
 # 12 (H, W) buckets for the 800..1333 recipe: the least-padding set of 12 (sides multiples
 # of 32) for the COCO-like training sizes of benchmarks/input_pipeline.py, proven optimal

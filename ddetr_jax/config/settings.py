@@ -34,7 +34,7 @@ from ddetr_jax.optimizer import OptimizerConfig
 from ddetr_jax.postprocess import check_nms_iou
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-MATCHER_FIELDS = {"class_cost", "bbox_cost", "giou_cost"}
+MATCHER_FIELDS = {f.name for f in dataclasses.fields(MatchWeights)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +103,7 @@ def transform_config(data) -> TransformConfig:
 def loss_config(loss) -> LossConfig:
     values = dict(loss)
     matcher = {k: values.pop(k) for k in list(values) if k in MATCHER_FIELDS}
-    values = _fields(LossConfig, values, "loss")
-    return LossConfig(matcher=MatchWeights(**matcher, alpha=values.get("focal_alpha", 0.25),
-                                           gamma=values.get("focal_gamma", 2.0)), **values)
+    return LossConfig(matcher=MatchWeights(**matcher), **_fields(LossConfig, values, "loss"))
 
 
 def batch_configs(config, process_count: int) -> tuple[BatchConfig, BatchConfig]:
