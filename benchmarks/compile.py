@@ -33,6 +33,7 @@ from ddetr_jax.sharding import data_mesh, shard_batch, split_model  # noqa: E402
 from ddetr_jax.train.step import init_state, make_train_step  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+COCO_TRAIN_IMAGES = 118_287  # sets only the epoch length, which compiling does not see
 VARIANTS = {
     "single_scale": "r50_deformable_detr_single_scale.py",
     "single_scale_dc5": "r50_deformable_detr_single_scale_dc5.py",
@@ -54,7 +55,7 @@ def load_config(name: str):
 def compile_seconds(config, size: int, **model_overrides) -> tuple[float, float]:
     """(trace + lower seconds, XLA compile seconds) of the config's train step
     (with scipy's matcher both programs of the HostMatchedStep)."""
-    settings = resolve(config, steps_per_epoch=100)
+    settings = resolve(config, num_train_examples=COCO_TRAIN_IMAGES)
     mc = dataclasses.replace(settings.model, **model_overrides)
     graphdef, params, rest = split_model(DeformableDETR(mc, rngs=nnx.Rngs(0)))
     tx, lr = make_optimizer(params, settings.optimizer)
@@ -75,7 +76,7 @@ def breakdown(config, size: int) -> None:
 
     from ddetr_jax.losses import criterion
 
-    settings = resolve(config, steps_per_epoch=100)
+    settings = resolve(config, num_train_examples=COCO_TRAIN_IMAGES)
     model = DeformableDETR(settings.model, rngs=nnx.Rngs(0))
     graphdef, params, rest = split_model(model)
     data = {k: jnp.asarray(v) for k, v in make_batch(size).items()}

@@ -88,7 +88,7 @@ def test_keep_must_be_positive(tmp_path, keep):
     c = base_config()
     c.keep_checkpoints = keep
     with pytest.raises(ValueError, match="keep_checkpoints"):
-        resolve(c, steps_per_epoch=10)
+        resolve(c, num_train_examples=1000)
 
 
 # ----------------------------------------------------------------------------- faults

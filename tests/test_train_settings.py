@@ -9,6 +9,14 @@ from ddetr_jax.config import run_config, settings
 from ddetr_jax.config.defaults import base_config
 from tests.train_fixtures import load_config
 
+
+def resolve(config, steps_per_epoch: int, **kwargs):
+    """settings.resolve for a training split of exactly `steps_per_epoch` steps per
+    epoch (buckets.steps_per_epoch inverted: each bucket may leave batch - 1 out)."""
+    batch = config.global_batch_size
+    examples = steps_per_epoch * batch + len(config.data.buckets) * (batch - 1)
+    return settings.resolve(config, examples, **kwargs)
+
 CONFIGS = ("r50_deformable_detr", "r50_deformable_detr_single_scale",
            "r50_deformable_detr_single_scale_dc5",
            "r50_deformable_detr_plus_iterative_bbox_refinement",
@@ -21,7 +29,7 @@ VARIANTS = {  # (num_feature_levels, dilation, with_box_refine, two_stage)
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_published_configs(name):
-    s = settings.resolve(load_config(f"configs/{name}.py"), steps_per_epoch=3665)
+    s = resolve(load_config(f"configs/{name}.py"), steps_per_epoch=3665)
     m = s.model
     assert (m.num_feature_levels, m.dilation, m.with_box_refine, m.two_stage) == VARIANTS[name]
     assert (m.backbone_depth, m.dim, m.num_queries, m.num_classes) == (50, 256, 300, 91)
@@ -37,7 +45,7 @@ def test_published_configs(name):
 
 
 def test_quickstart_config():
-    s = settings.resolve(load_config("configs/quickstart.py"), steps_per_epoch=100)
+    s = resolve(load_config("configs/quickstart.py"), steps_per_epoch=100)
     assert s.model.backbone_norm == "group_norm" and not s.optimizer.freeze_stem
     assert s.eval_nms_iou == 0.5
     assert (s.total_steps, s.optimizer.lr_drop_step, s.optimizer.warmup_steps) == (1500, 1325, 200)
@@ -51,32 +59,32 @@ def test_quickstart_config():
 def test_total_steps_override_scales_the_drop():
     c = base_config()
     c.total_steps, c.num_epochs, c.lr_drop_epochs = 1000, 50, 40
-    s = settings.resolve(c, steps_per_epoch=10)
+    s = resolve(c, 10)
     assert s.total_steps == 1000 and s.optimizer.lr_drop_step == 800
     c.lr_drop_step = 123
-    assert settings.resolve(c, steps_per_epoch=10).optimizer.lr_drop_step == 123
+    assert resolve(c, 10).optimizer.lr_drop_step == 123
 
 
 def test_step_schedule_drops_at_lr_drop_step_after_a_warmup():
     c = base_config()
     c.total_steps, c.lr_drop_step, c.optimizer.warmup_steps = 1000, 750, 200
-    lr = optimizer.schedule(1.0, settings.resolve(c, steps_per_epoch=10).optimizer)
+    lr = optimizer.schedule(1.0, resolve(c, 10).optimizer)
     assert float(lr(100)) == pytest.approx(0.5) and float(lr(200)) == pytest.approx(1.0)
     assert float(lr(749)) == 1.0 and float(lr(750)) == pytest.approx(0.1)
     c.lr_drop_step = 200
     with pytest.raises(ValueError, match="must exceed warmup_steps"):
-        settings.resolve(c, steps_per_epoch=10)
+        resolve(c, 10)
 
 
 def test_cosine_schedule_ends_at_total_steps():
     c = base_config()
     c.total_steps, c.optimizer.warmup_steps, c.optimizer.schedule = 1000, 100, "cosine"
-    s = settings.resolve(c, steps_per_epoch=10)
+    s = resolve(c, 10)
     assert s.optimizer.total_steps == 1000
     lr = optimizer.schedule(1.0, s.optimizer)
     assert float(lr(50)) == pytest.approx(0.5) and float(lr(100)) == pytest.approx(1.0)
     assert float(lr(550)) == pytest.approx(0.5) and float(lr(1000)) == pytest.approx(0.0)
-    step = optimizer.schedule(1.0, settings.resolve(base_config(), 10).optimizer)
+    step = optimizer.schedule(1.0, resolve(base_config(), 10).optimizer)
     assert float(step(399)) == 1.0 and float(step(400)) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="must exceed warmup_steps"):
         optimizer.schedule(1.0, optimizer.OptimizerConfig(schedule="cosine", total_steps=10,
@@ -102,7 +110,7 @@ def test_bad_configs(field, value, message):
             parent = parent[name]
         parent[leaf] = value
     with pytest.raises(ValueError, match=message):
-        settings.resolve(c, steps_per_epoch=10)
+        resolve(c, 10)
 
 
 def test_batch_must_split_over_devices_and_processes():
@@ -110,7 +118,7 @@ def test_batch_must_split_over_devices_and_processes():
         settings.check_devices(32, 3, "global_batch_size")
     c = base_config()
     with pytest.raises(ValueError, match="cannot be split evenly over 5 processes"):
-        settings.resolve(c, steps_per_epoch=10, process_count=5)
+        resolve(c, 10, process_count=5)
 
 
 def test_saved_config_contradiction(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ddetr_jax.data import buckets as buckets_lib
 from ddetr_jax.data.buckets import BatchConfig
 from ddetr_jax.data.synthetic import SYNTHETIC_FIELDS
 from ddetr_jax.data.transforms import TransformConfig
@@ -153,12 +154,13 @@ def check_devices(batch_size: int, num_devices: int, name: str) -> None:
                          f"{num_devices} devices; use a multiple of {num_devices}")
 
 
-def resolve(config, steps_per_epoch: int, process_count: int = 1) -> Settings:
-    """The typed settings of `config` for a training split of `steps_per_epoch`
-    steps per epoch. total_steps > 0 overrides num_epochs; lr_drop_step > 0
-    overrides lr_drop_epochs; with total_steps set and no lr_drop_step the
+def resolve(config, num_train_examples: int, process_count: int = 1) -> Settings:
+    """The typed settings of `config` for a training split of `num_train_examples`
+    (its steps per epoch: buckets.steps_per_epoch). total_steps > 0 overrides
+    num_epochs; lr_drop_step > 0 overrides lr_drop_epochs; with total_steps set and no lr_drop_step the
     drop comes at the same fraction of training (lr_drop_epochs / num_epochs)."""
     train_batch, eval_batch = batch_configs(config, process_count)
+    steps_per_epoch = buckets_lib.steps_per_epoch(num_train_examples, train_batch)
     num_epochs = _positive("num_epochs", config.num_epochs)
     total = int(config.total_steps) if config.total_steps > 0 else num_epochs * steps_per_epoch
     if config.lr_drop_step > 0:

@@ -32,6 +32,18 @@ class BatchConfig:
     num_classes: int | None = None
 
 
+def steps_per_epoch(num_examples, config):
+    """Training steps in every epoch: every bucket's last batch may be incomplete, so
+    K buckets leave up to K * (batch - 1) examples out of an epoch (data/pipeline.py
+    plans it); raises if < 1."""
+    batch, num_buckets = config.global_batch_size, len(config.buckets)
+    steps = -(-(num_examples - num_buckets * (batch - 1)) // batch)
+    if steps < 1:
+        raise ValueError(f"{num_examples} examples cannot fill a batch of {batch} in every "
+                         f"epoch with {num_buckets} buckets; use fewer buckets or a smaller batch")
+    return steps
+
+
 def sort_buckets(buckets):
     """(K, 2) int array of (height, width), sorted by area then height; checks shape."""
     buckets = np.asarray(buckets, np.int64).reshape(-1, 2)

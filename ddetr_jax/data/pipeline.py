@@ -42,7 +42,7 @@ from absl import flags
 
 from ddetr_jax.data import buckets as bucket_lib
 from ddetr_jax.data import transforms
-from ddetr_jax.data.buckets import BatchConfig
+from ddetr_jax.data.buckets import BatchConfig, steps_per_epoch
 from ddetr_jax.data.source import decode_image, read_sizes
 
 PAD_INDEX = -1
@@ -87,16 +87,6 @@ def group_by_bucket(order, bucket_of, batch_size):
             batches.append((int(bucket_of[index]), np.array(members, np.int64)))
             pending[int(bucket_of[index])] = []
     return batches, {b: members for b, members in pending.items() if members}
-
-
-def steps_per_epoch(num_examples, config):
-    """Training steps in every epoch (see the module doc); raises if < 1."""
-    batch, num_buckets = config.global_batch_size, len(config.buckets)
-    steps = -(-(num_examples - num_buckets * (batch - 1)) // batch)
-    if steps < 1:
-        raise ValueError(f"{num_examples} examples cannot fill a batch of {batch} in every "
-                         f"epoch with {num_buckets} buckets; use fewer buckets or a smaller batch")
-    return steps
 
 
 def train_plan(sizes, config, seed, epoch):

@@ -195,11 +195,9 @@ class Trainer:
         run_config.check_and_save(config, self.workdir, override=override_config, write=False)
         train_source, self.eval_source = _open_data(settings_lib.data_settings(config))
         self.train_sizes = pipeline.read_sizes(train_source)
-        train_batch, _ = settings_lib.batch_configs(config, jax.process_count())
+        self.s = s = settings_lib.resolve(config, len(train_source), jax.process_count())
         for source in (train_source, self.eval_source):  # before config.json is written
-            pipeline.check_category_ids(source, train_batch.num_classes)
-        per_epoch = pipeline.steps_per_epoch(len(train_source), train_batch)
-        self.s = s = settings_lib.resolve(config, per_epoch, jax.process_count())
+            pipeline.check_category_ids(source, s.train_batch.num_classes)
         settings_lib.check_devices(s.train_batch.global_batch_size, self.mesh.size,
                                    "global_batch_size")
         settings_lib.check_devices(s.eval_batch.global_batch_size, self.mesh.size,
