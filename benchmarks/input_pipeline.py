@@ -56,14 +56,6 @@ def coco_like_sizes(rng, n):
     return np.stack([np.where(landscape, short, long), np.where(landscape, long, short)], 1)
 
 
-def out_sizes(sizes, config, rng, train):
-    """Sizes after the training geometry (train) or the validation resize."""
-    if train:
-        return np.array([transforms.sample_train_geometry(rng, tuple(s), config).out_hw
-                         for s in sizes])
-    return np.array([transforms.eval_geometry(tuple(s), config).out_hw for s in sizes])
-
-
 def padding_report(bucket_counts, multiple, samples=20000):
     """Prints padded fractions and distinct shapes for each number of buckets;
     returns the training buckets of the first."""
@@ -72,8 +64,8 @@ def padding_report(bucket_counts, multiple, samples=20000):
     print("|---|---:|---:|---:|---:|")
     chosen = {}
     for train in (True, False):
-        fit = out_sizes(coco_like_sizes(rng, samples), config, rng, train)
-        test = out_sizes(coco_like_sizes(rng, samples), config, rng, train)
+        fit = bucket_lib.transformed_sizes(coco_like_sizes(rng, samples), config, train, rng)
+        test = bucket_lib.transformed_sizes(coco_like_sizes(rng, samples), config, train, rng)
         for count in bucket_counts:
             buckets = bucket_lib.choose_buckets(fit, count, multiple=multiple)
             chosen.setdefault((train, count), buckets)
@@ -123,8 +115,8 @@ def exact_report(bucket_counts, multiple, time_limit, samples=20000):
     """Prints, for the training geometry, the proven least padding of each
     bucket count (on the fit sample and on a held-out one)."""
     rng, config = np.random.default_rng(0), transforms.TransformConfig()
-    fit = out_sizes(coco_like_sizes(rng, samples), config, rng, True)
-    test = out_sizes(coco_like_sizes(rng, samples), config, rng, True)
+    fit = bucket_lib.transformed_sizes(coco_like_sizes(rng, samples), config, True, rng)
+    test = bucket_lib.transformed_sizes(coco_like_sizes(rng, samples), config, True, rng)
     for count in bucket_counts:
         start = time.perf_counter()
         best, result = optimal_padding(fit, count, multiple, time_limit)

@@ -249,7 +249,8 @@ def test_the_buckets_command_fits_every_size_of_a_prepared_dataset(data, capsys)
         assert field == f"c.data.{'buckets' if train else 'eval_buckets'}"
         buckets = eval(buckets)
         assert len(buckets) == 3 and all(side % 16 == 0 for b in buckets for side in b)
-        out = bucket_lib.transformed_sizes(sizes[split], config, train, epochs=3)
+        out = bucket_lib.transformed_sizes(sizes[split], config, train,
+                                            np.random.default_rng(0), epochs=3)
         bucket_lib.assign_buckets(out, buckets)  # raises if a size fits none
     assert "% padding (one " in lines[0] and "% padding (one " in lines[2]
     assert bucket_lib.main(["missing", "--data_dir", str(root)]) == 1

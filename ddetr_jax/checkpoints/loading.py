@@ -21,6 +21,7 @@ from typing import Mapping
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from ddetr_jax.checkpoints.store import (Checkpoints, corrupt_checkpoint, restore_numpy,
@@ -83,8 +84,6 @@ def _is_converted_dir(path) -> bool:
 
 def load_converted(path) -> tuple[DeformableDETR, ModelConfig]:
     """(model, config) from what convert.save_converted wrote: model_config.json, state/."""
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     if not os.path.isdir(os.path.join(path, "state")):
         raise CheckpointMismatch(f"{path}: has model_config.json but no state/ directory")

@@ -155,13 +155,13 @@ def choose_buckets(sizes_hw, num_buckets, multiple=64, passes=3):
     return sort_buckets(candidates[sorted(set(best))])
 
 
-def transformed_sizes(sizes_hw, config: TransformConfig, train: bool, epochs: int = 1,
-                      seed: int = 0) -> np.ndarray:
+def transformed_sizes(sizes_hw, config: TransformConfig, train: bool, rng=None,
+                      epochs: int = 1) -> np.ndarray:
     """(N, 2) original sizes -> (N * epochs, 2) sizes after the training geometry
-    (one draw per image and epoch) or (N, 2) after the validation resize."""
+    (one draw from the numpy Generator `rng` per image and epoch) or (N, 2) after the
+    validation resize (no rng)."""
     if not train:
         return np.array([eval_geometry(tuple(s), config).out_hw for s in sizes_hw])
-    rng = np.random.default_rng(seed)
     return np.array([sample_train_geometry(rng, tuple(s), config).out_hw
                      for _ in range(epochs) for s in sizes_hw])
 
@@ -201,13 +201,13 @@ def main(argv=None) -> int:
     for split, train, field in ((args.split, True, "buckets"),
                                 (args.eval_split, False, "eval_buckets")):
         source = DetectionSource(dataset_dir, split)
-        sizes = transformed_sizes(read_sizes(source), config, train, args.epochs)
+        sizes = transformed_sizes(read_sizes(source), config, train,
+                                  np.random.default_rng(0), args.epochs)
         buckets = choose_buckets(sizes, args.num_buckets, args.multiple)
-        square = [tuple(-(-sizes.max(axis=0).max() // args.multiple) * args.multiple
-                        for _ in range(2))]
+        side = -(-int(sizes.max()) // args.multiple) * args.multiple  # one square holds all
         print(f"# {split}: {len(source)} images{f' x {args.epochs} draws' if train else ''}, "
               f"{padded_fraction(sizes, buckets):.1%} padding "
-              f"(one {square[0][0]}x{square[0][1]} shape: {padded_fraction(sizes, square):.1%})")
+              f"(one {side}x{side} shape: {padded_fraction(sizes, [(side, side)]):.1%})")
         print(f"c.data.{field} = {tuple(tuple(int(v) for v in b) for b in buckets)}")
     return 0
 
