@@ -9,6 +9,8 @@ from flax import nnx
 from ddetr_jax.models import DeformableDETR, ModelConfig, count_parameters
 from ddetr_jax.models.attention import sampling_offset_bias
 from ddetr_jax.models.backbone import nearest_indices
+from ddetr_jax.models.conv import conv_or_matmul
+from ddetr_jax.models.dropout import Dropout, keep_mask
 
 
 def abstract(**kwargs):
@@ -66,6 +68,47 @@ def test_dropout_is_active_only_in_training():
     c = run(model, images, mask, False)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+def test_hashed_dropout_masks_are_fair_independent_and_reproducible():
+    """keep_mask is what threefry's bernoulli would be: P(keep) = 0.9, no relation
+    between neighbouring elements or between two keys; one key, one mask."""
+    shape = (4, 500, 512)  # 1,024,000 elements: the standard error of a rate is 3e-4
+    a = np.asarray(keep_mask(jax.random.key(0), shape, 0.1))
+    b = np.asarray(keep_mask(jax.random.key(1), shape, 0.1))
+    np.testing.assert_array_equal(a, keep_mask(jax.random.key(0), shape, 0.1))
+    assert abs(a.mean() - 0.9) < 2e-3
+    assert abs((a & b).mean() - 0.81) < 2e-3  # two keys: independent masks
+    flat = a.reshape(-1)
+    assert abs((flat[1:] & flat[:-1]).mean() - 0.81) < 2e-3  # neighbours independent
+    assert abs((a[:, 1:] & a[:, :-1]).mean() - 0.81) < 2e-3  # rows apart too
+    assert abs(np.asarray(keep_mask(jax.random.key(2), shape, 0.5)).mean() - 0.5) < 2e-3
+    x = jnp.ones(shape)
+    dropped = Dropout(0.1, rngs=nnx.Rngs(dropout=0))(x, deterministic=False)
+    assert abs(float(dropped.mean()) - 1.0) < 3e-3  # rescaled by 1 / 0.9
+    assert set(np.unique(np.asarray(dropped))) == {0.0, np.float32(1 / 0.9)}
+
+
+@pytest.mark.parametrize("kernel, stride, pad", [(1, 1, 0), (1, 2, 0), (3, 2, 1), (1, 1, 1)])
+def test_pointwise_convolutions_as_dots_equal_the_convolution(kernel, stride, pad):
+    """Output and both gradients of conv_or_matmul are lax.conv's (the 1x1 ones
+    computed as dots, the others by lax.conv itself), odd sizes included."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 11, 16))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 16, 8))
+    padding = ((pad, pad), (pad, pad))
+    numbers = ("NHWC", "HWIO", "NHWC")
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, (stride, stride), padding, None, None,
+                                                 numbers)))
+
+    ours = jax.value_and_grad(loss(conv_or_matmul), (0, 1))(x, w)
+    reference = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if kernel == 1 and pad == 0:
+        text = jax.jit(jax.grad(loss(conv_or_matmul), 1)).lower(x, w).as_text()
+        assert "convolution" not in text
 
 
 def test_published_initialisation():

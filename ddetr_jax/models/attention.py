@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ddetr_jax.models.dropout import Dropout
 from ddetr_jax.ops import ms_deform_attn
 
 xavier = nnx.initializers.xavier_uniform()
@@ -103,7 +104,7 @@ class MultiHeadAttention(nnx.Module):
         self.k_proj = linear(dim, dim, rngs=rngs)
         self.v_proj = linear(dim, dim, rngs=rngs)
         self.out_proj = linear(dim, dim, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
 
     def __call__(self, query, key, value, *, deterministic: bool):
         """query: (B, Q, D), key/value: (B, K, D) -> (B, Q, D)."""

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ddetr_jax.models.conv import conv_or_matmul
+
 
 class FrozenStat(nnx.Variable):
     """Frozen batch-norm statistics and affine terms: never trained."""
@@ -47,7 +49,7 @@ def _conv(in_features, out_features, kernel, stride=1, dilation=1, *, rngs):
     return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
                     padding=((pad, pad), (pad, pad)), kernel_dilation=dilation, use_bias=False,
                     kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                    rngs=rngs)
+                    conv_general_dilated=conv_or_matmul, rngs=rngs)
 
 
 NORMS = ("frozen_batch_norm", "group_norm")

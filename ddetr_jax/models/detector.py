@@ -33,6 +33,7 @@ from flax import nnx
 from ddetr_jax.models import stack
 from ddetr_jax.models.attention import linear
 from ddetr_jax.models.backbone import ResNet, resize_mask
+from ddetr_jax.models.conv import conv_or_matmul
 from ddetr_jax.models.position import box_sine_embedding, sine_position_embedding
 from ddetr_jax.models.transformer import (Decoder, Encoder, encoder_proposals, layer_norm,
                                           refine_logits, valid_ratios)
@@ -98,7 +99,8 @@ class InputProjection(nnx.Module):
         kernel, stride, pad = (3, 2, 1) if extra else (1, 1, 0)
         self.conv = nnx.Conv(in_features, dim, (kernel, kernel), strides=stride,
                              padding=((pad, pad), (pad, pad)),
-                             kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+                             kernel_init=nnx.initializers.xavier_uniform(),
+                             conv_general_dilated=conv_or_matmul, rngs=rngs)
         self.norm = nnx.GroupNorm(dim, num_groups=32, epsilon=1e-5, rngs=rngs)
 
     def __call__(self, x):

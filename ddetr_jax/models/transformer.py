@@ -17,6 +17,7 @@ from flax import nnx
 
 from ddetr_jax.models import stack
 from ddetr_jax.models.attention import MSDeformAttn, MultiHeadAttention, linear
+from ddetr_jax.models.dropout import Dropout
 from ddetr_jax.ops.manual_axes import make_varying, varying_axes
 
 
@@ -30,8 +31,8 @@ class FeedForward(nnx.Module):
     def __init__(self, dim: int, hidden: int, dropout: float, *, rngs):
         self.linear1 = linear(dim, hidden, rngs=rngs)
         self.linear2 = linear(hidden, dim, rngs=rngs)
-        self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
-        self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout1 = Dropout(dropout, rngs=rngs)
+        self.dropout2 = Dropout(dropout, rngs=rngs)
 
     def __call__(self, x, *, deterministic: bool):
         y = self.dropout1(jax.nn.relu(self.linear1(x)), deterministic=deterministic)
@@ -41,7 +42,7 @@ class FeedForward(nnx.Module):
 class EncoderLayer(nnx.Module):
     def __init__(self, dim, hidden, dropout, levels, heads, points, *, rngs):
         self.self_attn = MSDeformAttn(dim, levels, heads, points, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
         self.norm1 = layer_norm(dim, rngs=rngs)
         self.ffn = FeedForward(dim, hidden, dropout, rngs=rngs)
         self.norm2 = layer_norm(dim, rngs=rngs)
@@ -59,10 +60,10 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, dim, hidden, dropout, levels, heads, points, *, rngs):
         self.self_attn = MultiHeadAttention(dim, heads, dropout, rngs=rngs)
-        self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout2 = Dropout(dropout, rngs=rngs)
         self.norm2 = layer_norm(dim, rngs=rngs)
         self.cross_attn = MSDeformAttn(dim, levels, heads, points, rngs=rngs)
-        self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout1 = Dropout(dropout, rngs=rngs)
         self.norm1 = layer_norm(dim, rngs=rngs)
         self.ffn = FeedForward(dim, hidden, dropout, rngs=rngs)
         self.norm3 = layer_norm(dim, rngs=rngs)
