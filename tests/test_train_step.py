@@ -93,11 +93,13 @@ def test_nonfinite_step_is_skipped():
         np.testing.assert_array_equal(a, b)
 
 
-def test_bfloat16_compute_keeps_float32_params_and_close_loss():
+@pytest.mark.parametrize("variant", [{}, {"with_box_refine": True, "two_stage": True}],
+                         ids=["multi_scale", "two_stage"])
+def test_bfloat16_compute_keeps_float32_params_and_close_loss(variant):
     batch = random_batch(batch=2)
     losses = []
     for dtype in (None, jnp.bfloat16):
-        step, state, mesh = setup(jax.devices()[:1], compute_dtype=dtype)
+        step, state, mesh = setup(jax.devices()[:1], tiny_model(**variant), compute_dtype=dtype)
         state, metrics = step(state, shard_batch(batch, mesh), jax.random.key(0))
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
         losses.append(float(metrics["loss"]))

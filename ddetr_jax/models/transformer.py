@@ -177,6 +177,9 @@ class Decoder(nnx.Module):
         # Inside shard_map the scan's carry must vary over the mesh axes its output
         # varies over: those of the memory (the queries alone may be replicated).
         axes = varying_axes(memory)
+        # References stay float32 under bfloat16 compute, as the refined boxes each layer
+        # returns (the scan's carry keeps one dtype; the sampling locations are float32).
+        reference_points = reference_points.astype(jnp.float32)
         tgt, reference_points = (make_varying(x, axes) for x in (tgt, reference_points))
 
         def run_layer(layer, tgt, reference):
