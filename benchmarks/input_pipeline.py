@@ -19,9 +19,7 @@
 training sizes (optimal_padding: a mixed-integer program, ~80 s for 12
 buckets at multiple 32 on 2 cores).
 
-COCO size model: the longer side is 640 pixels for 95% of images (else
-uniform in 300..640); long / short is 4:3 for 50%, 3:2 for 25%, 1:1 for 8%,
-16:9 for 10%, uniform in 1..2.5 for 7%; 75% landscape.
+The COCO size model is common.coco_like_sizes.
 """
 
 import argparse
@@ -38,22 +36,10 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import coco_like_sizes  # noqa: E402
 from ddetr_jax.data import buckets as bucket_lib  # noqa: E402
 from ddetr_jax.data import pipeline, prepare, transforms  # noqa: E402
 from ddetr_jax.data.source import DetectionSource  # noqa: E402
-
-RATIOS = (4 / 3, 3 / 2, 1.0, 16 / 9)
-RATIO_PROBS = (0.50, 0.25, 0.08, 0.10)  # the remaining 0.07: uniform in 1..2.5
-
-
-def coco_like_sizes(rng, n):
-    """(n, 2) int (height, width) from the COCO size model in the module doc."""
-    long = np.where(rng.random(n) < 0.95, 640, rng.integers(300, 641, n))
-    kind = rng.choice(len(RATIOS) + 1, size=n, p=RATIO_PROBS + (0.07,))
-    ratio = np.where(kind < len(RATIOS), np.array(RATIOS + (1.0,))[kind], rng.uniform(1, 2.5, n))
-    short = np.round(long / ratio).astype(int)
-    landscape = rng.random(n) < 0.75
-    return np.stack([np.where(landscape, short, long), np.where(landscape, long, short)], 1)
 
 
 def padding_report(bucket_counts, multiple, samples=20000):

@@ -36,27 +36,60 @@ LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
 M, D, P = 8, 32, 4
 
 
-def make_inputs(lq: int, batch: int, seed: int = 0):
+def make_inputs(lq: int, batch: int, levels=LEVELS, seed: int = 0):
     rng = np.random.default_rng(seed)
-    s = sum(h * w for h, w in LEVELS)
+    s = sum(h * w for h, w in levels)
     value = rng.normal(size=(batch, s, M, D)).astype(np.float32)
-    loc = rng.uniform(-0.05, 1.05, size=(batch, lq, M, len(LEVELS), P, 2)).astype(np.float32)
-    logits = rng.normal(size=(batch, lq, M, len(LEVELS) * P)).astype(np.float32)
+    loc = rng.uniform(-0.05, 1.05, size=(batch, lq, M, len(levels), P, 2)).astype(np.float32)
+    logits = rng.normal(size=(batch, lq, M, len(levels) * P)).astype(np.float32)
     weights = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    weights = weights.reshape(batch, lq, M, len(LEVELS), P).astype(np.float32)
+    weights = weights.reshape(batch, lq, M, len(levels), P).astype(np.float32)
     grad = rng.normal(size=(batch, lq, M * D)).astype(np.float32)
     return value, loc, weights, grad
 
 
-def jax_fns(device):
+def jax_fns(levels=LEVELS):
     def fwd(v, loc, w):
-        return ms_deform_attn(v, LEVELS, loc, w)
+        return ms_deform_attn(v, levels, loc, w)
 
     def fwd_bwd(v, loc, w, g):
         out, vjp = jax.vjp(fwd, v, loc, w)
         return vjp(g)
 
     return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def op_cases(jdev, tdev: str, batch: int, levels=LEVELS):
+    """[(shape, pass, run_jax, run_torch)]: the encoder (Lq = S) and decoder (Lq = 300)
+    shapes, forward and forward + backward; each run waits for its result."""
+    import torch
+    from torch_reference import ms_deform_attn_torch
+
+    sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
+    jfwd, jfwd_bwd = jax_fns(levels)
+    cases = []
+    for name, lq in (("encoder", sum(h * w for h, w in levels)), ("decoder", 300)):
+        v, loc, w, g = make_inputs(lq, batch, levels)
+        jv, jloc, jw, jg = (jax.device_put(a, jdev) for a in (v, loc, w, g))
+        tv, tloc, tw, tg = (torch.tensor(a, device=tdev) for a in (v, loc, w, g))
+
+        def run_torch_fwd(tv=tv, tloc=tloc, tw=tw):
+            with torch.no_grad():
+                ms_deform_attn_torch(tv, levels, tloc, tw)
+            sync()
+
+        def run_torch_fwd_bwd(tv=tv, tloc=tloc, tw=tw, tg=tg):
+            a, b, c = (t.clone().requires_grad_(True) for t in (tv, tloc, tw))
+            out = ms_deform_attn_torch(a, levels, b, c)
+            torch.autograd.grad(out, (a, b, c), tg)
+            sync()
+
+        cases.append((name, "fwd", lambda a=(jv, jloc, jw): jfwd(*a).block_until_ready(),
+                      run_torch_fwd))
+        cases.append((name, "fwd+bwd",
+                      lambda a=(jv, jloc, jw, jg): jax.block_until_ready(jfwd_bwd(*a)),
+                      run_torch_fwd_bwd))
+    return cases
 
 
 def main():
@@ -68,51 +101,28 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from torch_reference import ms_deform_attn_torch
 
     torch.set_num_threads(args.threads)
     jdev = jax.devices(args.device)[0]
     tdev = "cuda" if args.device == "gpu" else "cpu"
-    sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-    jfwd, jfwd_bwd = jax_fns(jdev)
     print(f"jax {jax.__version__} on {jdev.device_kind}; torch {torch.__version__} on {tdev} "
           f"({torch.get_num_threads()} threads); batch {args.batch}; median of {args.repeats}")
     print(f"{'shape':<10} {'pass':<9} {'jax ms':>9} {'torch ms':>9} {'speed-up':>9}")
-    for name, lq in (("encoder", sum(h * w for h, w in LEVELS)), ("decoder", 300)):
-        v, loc, w, g = make_inputs(lq, args.batch)
-        jv, jloc, jw, jg = (jax.device_put(a, jdev) for a in (v, loc, w, g))
-        tv, tloc, tw, tg = (torch.tensor(a, device=tdev) for a in (v, loc, w, g))
-
-        def run_torch_fwd():
-            with torch.no_grad():
-                ms_deform_attn_torch(tv, LEVELS, tloc, tw)
-            sync()
-
-        def run_torch_fwd_bwd():
-            a, b, c = (t.clone().requires_grad_(True) for t in (tv, tloc, tw))
-            out = ms_deform_attn_torch(a, LEVELS, b, c)
-            torch.autograd.grad(out, (a, b, c), tg)
-            sync()
-
-        cells = (
-            ("fwd", lambda: jfwd(jv, jloc, jw).block_until_ready(), run_torch_fwd),
-            ("fwd+bwd", lambda: jax.block_until_ready(jfwd_bwd(jv, jloc, jw, jg)),
-             run_torch_fwd_bwd),
-        )
-        for pass_name, run_jax, run_torch in cells:
-            jt, tt = time_interleaved(run_jax, run_torch, args.repeats)
-            print(f"{name:<10} {pass_name:<9} {jt * 1e3:9.2f} {tt * 1e3:9.2f} {tt / jt:8.2f}x",
-                  flush=True)
+    for name, pass_name, run_jax, run_torch in op_cases(jdev, tdev, args.batch):
+        jt, tt = time_interleaved(run_jax, run_torch, args.repeats)
+        print(f"{name:<10} {pass_name:<9} {jt * 1e3:9.2f} {tt * 1e3:9.2f} {tt / jt:8.2f}x",
+              flush=True)
 
     v, loc, w, g = make_inputs(sum(h * w for h, w in LEVELS), 1)
     out_mib = v.size * 4 / 2**20
-    jfwd, jfwd_bwd = jax_fns(jax.devices(args.device)[0])
+    jfwd, jfwd_bwd = jax_fns()
     for pass_name, fn, fn_args in (("fwd", jfwd, (v, loc, w)), ("fwd+bwd", jfwd_bwd, (v, loc, w, g))):
         mem = fn.lower(*fn_args).compile().memory_analysis()
         if mem is not None:
             temp = mem.temp_size_in_bytes / 2**20
             print(f"encoder {pass_name} (batch 1): XLA temporaries {temp:.1f} MiB = {temp / out_mib:.1f}x "
                   f"the output ({out_mib:.1f} MiB)")
+
 
 if __name__ == "__main__":
     main()

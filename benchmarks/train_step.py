@@ -22,22 +22,17 @@ import argparse
 import os
 import resource
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import make_batch, random_hf_detr, time_interleaved  # noqa: E402
+from common import (hf_train_step, jax_train_step, make_batch, random_hf_detr,  # noqa: E402
+                    time_interleaved)
 from ddetr_jax.convert import load_torch_checkpoint  # noqa: E402
-from ddetr_jax.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
-from ddetr_jax.losses import LossConfig  # noqa: E402
-from ddetr_jax.sharding import data_mesh, shard_batch, split_model  # noqa: E402
-from ddetr_jax.train.step import HostMatchedStep, init_state, make_train_step  # noqa: E402
 
 
 def main():
@@ -62,47 +57,8 @@ def main():
     hf = hf.to(tdev).train()
     batch = make_batch(args.size, args.targets)
 
-    graphdef, params, rest = split_model(model)
-    tx, lr = make_optimizer(params, OptimizerConfig())
-    mesh = data_mesh([jdev])
-    compute_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
-    step = make_train_step(graphdef, rest, tx, lr, mesh, LossConfig(solver=args.solver),
-                           compute_dtype=compute_dtype)
-    state = init_state(params, tx, mesh)
-    jbatch = shard_batch(batch, mesh)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, jbatch, jax.random.key(0)).compile()
-    compile_s = time.perf_counter() - t0
-    if isinstance(step, HostMatchedStep):
-        step.forward, step.update = compiled  # run the programs compiled above
-        memory = [c.memory_analysis() for c in compiled]
-        compiled = step
-    else:
-        memory = [compiled.memory_analysis()]
-
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=2e-4, weight_decay=1e-4)
-    pixel_values = torch.tensor(batch["images"]).permute(0, 3, 1, 2).contiguous().to(tdev)
-    pixel_mask = torch.ones(batch["pad_mask"].shape, dtype=torch.long, device=tdev)
-    labels = [{"class_labels": torch.tensor(batch["labels"][i]).long().to(tdev),
-               "boxes": torch.tensor(batch["boxes_cxcywh"][i]).to(tdev)} for i in range(2)]
-    autocast = torch.autocast(tdev, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-
-    def run_torch():
-        optimizer.zero_grad()
-        with autocast:
-            loss = hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.1)
-        optimizer.step()
-        if tdev == "cuda":
-            torch.cuda.synchronize()
-
-    holder = {"state": state}
-
-    def run_jax():
-        holder["state"], metrics = compiled(holder["state"], jbatch, jax.random.key(0))
-        jax.block_until_ready(metrics["loss"])
-
+    run_jax, compile_s, memories = jax_train_step(model, batch, jdev, args.dtype, args.solver)
+    run_torch = hf_train_step(hf, batch, tdev, args.dtype)
     j, tm = time_interleaved(run_jax, run_torch, args.repeats)
     print(f"jax {jax.__version__} on {jdev.device_kind}; torch {torch.__version__} on {tdev} "
           f"({torch.get_num_threads()} threads); multi-scale train step, batch 2 x "
@@ -110,7 +66,7 @@ def main():
     print(f"JAX compile: {compile_s:.1f} s")
     print(f"JAX step: {j * 1e3:.0f} ms ({2 / j:.2f} images/s)   HF step: {tm * 1e3:.0f} ms "
           f"({2 / tm:.2f} images/s)   speed-up: {tm / j:.2f}x")
-    for name, m in zip(("forward", "update") if len(memory) == 2 else ("step",), memory):
+    for name, m in memories:
         if m is not None:
             print(f"JAX {name} program: XLA temporaries {m.temp_size_in_bytes / 2**30:.2f} GiB, "
                   f"arguments {m.argument_size_in_bytes / 2**30:.2f} GiB, outputs "

@@ -20,6 +20,18 @@ import numpy as np
 from ddetr_jax.data.transforms import TransformConfig, eval_geometry, sample_train_geometry
 
 
+# 12 (H, W) buckets for the 800..1333 recipe: the least-padding set of 12 (sides multiples
+# of 32) for the COCO-like training sizes of benchmarks/input_pipeline.py, proven optimal
+# by its --exact program (16.1% padding held out; docs/benchmarks.md).
+PUBLISHED_BUCKETS = (
+    (544, 640), (736, 640), (576, 768), (896, 672), (640, 864), (800, 832), (704, 960),
+    (1024, 800), (768, 1024), (800, 1152), (800, 1344), (1344, 800))
+# The same for the validation resize (800 / 1333): 2.3% padding.
+PUBLISHED_EVAL_BUCKETS = (
+    (800, 800), (800, 928), (640, 1344), (1344, 640), (800, 1088), (1088, 800), (800, 1216),
+    (1216, 800), (768, 1344), (1344, 768), (800, 1344), (1344, 800))
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchConfig:
     """What shapes a batch: global batch size, buckets, targets, transforms, and the

@@ -145,8 +145,10 @@ def refine_logits(reference_logits, delta):
 
     reference_logits: (..., 2|4) inverse sigmoid of normalised (cx, cy[, w, h]);
     delta: (..., 4) -> (..., 4) box logits; their sigmoid is the boxes (with box
-    refinement the next layer's reference, gradient stopped).
+    refinement the next layer's reference, gradient stopped). In the wider of
+    the two dtypes (a bfloat16 delta on a float32 reference: float32).
     """
+    delta = delta.astype(jnp.promote_types(delta.dtype, reference_logits.dtype))
     return delta.at[..., :reference_logits.shape[-1]].add(reference_logits)
 
 
