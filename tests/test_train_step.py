@@ -95,6 +95,7 @@ def test_nonfinite_step_is_skipped():
 
 @pytest.mark.parametrize("variant", [{}, {"with_box_refine": True, "two_stage": True}],
                          ids=["multi_scale", "two_stage"])
+@pytest.mark.filterwarnings("error:scatter inputs have incompatible types:FutureWarning")
 def test_bfloat16_compute_keeps_float32_params_and_close_loss(variant):
     batch = random_batch(batch=2)
     losses = []
