@@ -38,6 +38,8 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# JAX takes device memory as it needs it, not 75% up front: torch shares the device.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -162,8 +164,15 @@ def run_steps(jdev, tdev, buckets, freq, args, budget):
                         model, _ = load_torch_checkpoint(hf.state_dict())
                     hf = hf.to(tdev).train()
                 t0 = time.monotonic()
-                cells, step_s = step_row(model, hf, hw, dtype, jdev, tdev, args)
-                budget.spent(time.monotonic() - t0)
+                try:
+                    cells, step_s = step_row(model, hf, hw, dtype, jdev, tdev, args)
+                except Exception as error:  # out of memory, say: the table goes on
+                    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+                    print(f"{label} failed: {type(error).__name__}: {first_line} |||||||",
+                          flush=True)
+                    continue
+                finally:
+                    budget.spent(time.monotonic() - t0)
                 print(f"{label} {cells} |", flush=True)
                 if variant == "multi-scale":
                     measured.setdefault(dtype, {})[hw] = step_s
@@ -215,6 +224,10 @@ def main():
     print_op_table(jdev, tdev, args.batch, args.scale, args.repeats)
     measured = run_steps(jdev, tdev, buckets, freq, args, budget)
     print_projection(measured, buckets, freq, args, jdev.device_kind)
+    stats = jdev.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        print(f"\nJAX peak device memory of the whole run: "
+              f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

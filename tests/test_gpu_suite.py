@@ -2,6 +2,7 @@
 cost of the published schedule (the timed parts run on a device, not in tests)."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -42,3 +43,15 @@ def test_projected_hours_average_a_step_time_linear_in_area():
     steps = gpu_suite.EPOCHS * gpu_suite.COCO_TRAIN_IMAGES / 4
     expected = steps * (fixed + per_pixel * mean_area) / 3600
     assert gpu_suite.projected_hours(at, PUBLISHED, freq, batch=4) == pytest.approx(expected)
+
+
+def test_the_suite_needs_no_input_pipeline_or_config_packages():
+    """The GPU machine has jax, flax, optax, torch and transformers, not grain, TFDS
+    or ml_collections."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    code = ("import sys; sys.path[:0] = ['benchmarks', 'tests']; import gpu_suite;"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'grain', "
+            "'tensorflow_datasets', 'tensorflow', 'ml_collections'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
