@@ -214,8 +214,14 @@ def main():
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default float32 matmul on GPU
     torch.backends.cudnn.allow_tf32 = True
-    jdev = jax.devices(args.device)[0]
+    try:
+        jdev = jax.devices(args.device)[0]
+    except RuntimeError:
+        parser.error(f"JAX sees no {args.device} here (only {jax.default_backend()}); "
+                     "--device cpu --scale 0.25 --batch 1 runs the suite on a CPU")
     tdev = "cuda" if args.device == "gpu" else "cpu"
+    if tdev == "cuda" and not torch.cuda.is_available():
+        parser.error(f"torch {torch.__version__} sees no CUDA device (a CPU build?)")
     published = bucket_lib.sort_buckets(bucket_lib.PUBLISHED_BUCKETS)
     freq = bucket_frequencies(published)
     buckets = np.array([scaled(hw, args.scale) for hw in published.tolist()])
