@@ -78,9 +78,11 @@ def program_bytes(memory) -> int:
             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
 
 
-def jax_train_step(model, batch, device, dtype: str = "float32", solver: str = "scipy"):
+def jax_train_step(model, batch, device, dtype: str = "float32", solver: str = "scipy",
+                   remat: str = "none"):
     """This project's train step for `model` on one device (AdamW with the published
-    parameter groups and clipping; the published loss and matching weights).
+    parameter groups and clipping; the published loss and matching weights; remat:
+    per transformer layer, as the config's remat).
 
     Returns (run, compile_s, memories): run() takes one step and waits for it;
     memories: [(program name, XLA memory analysis or None)], one per compiled program.
@@ -98,7 +100,7 @@ def jax_train_step(model, batch, device, dtype: str = "float32", solver: str = "
     mesh = data_mesh([device])
     compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else None
     step = make_train_step(graphdef, rest, tx, lr, mesh, LossConfig(solver=solver),
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype, remat=remat)
     holder = {"state": init_state(params, tx, mesh)}
     data = shard_batch(batch, mesh)
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ AdamW step. torch uses 2 threads on CPU (OMP_WAIT_POLICY=PASSIVE, see
 benchmarks/ms_deform_attn.py).
 
     python benchmarks/train_step.py [--device gpu] [--dtype bfloat16] [--repeats 3]
-        [--solver scipy|optax] [--targets 5]
+        [--solver scipy|optax] [--targets 5] [--remat none|dots|full]
 
 --solver scipy (the default) is the HostMatchedStep: two programs with
 scipy's matching on the host between them; optax matches inside one program.
@@ -46,6 +46,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--solver", choices=("scipy", "optax"), default="scipy")
     parser.add_argument("--targets", type=int, default=5, help="targets per image")
+    parser.add_argument("--remat", choices=("none", "dots", "full"), default="none",
+                        help="recompute in each transformer layer's backward (config.remat)")
     args = parser.parse_args()
 
     import torch
@@ -59,7 +61,8 @@ def main():
     hf = hf.to(tdev).train()
     batch = make_batch(args.size, args.targets)
 
-    run_jax, compile_s, memories = jax_train_step(model, batch, jdev, args.dtype, args.solver)
+    run_jax, compile_s, memories = jax_train_step(model, batch, jdev, args.dtype, args.solver,
+                                                 args.remat)
     run_torch = hf_train_step(hf, batch, tdev, args.dtype)
     j, tm = time_interleaved(run_jax, run_torch, args.repeats)
     print(f"jax {jax.__version__} on {jdev.device_kind}; torch {torch.__version__} on {tdev} "

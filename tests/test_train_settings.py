@@ -7,6 +7,7 @@ import pytest
 from ddetr_jax import optimizer
 from ddetr_jax.config import run_config, settings
 from ddetr_jax.config.defaults import base_config
+from ddetr_jax.models.stack import check_remat
 from tests.train_fixtures import load_config
 
 
@@ -54,6 +55,14 @@ def test_quickstart_config():
     assert s.data.name == s.data.synthetic["name"]
     assert s.train_batch.num_classes == s.eval_batch.num_classes == 9  # labels checked
     assert s.eval_batch.buckets == s.train_batch.buckets == ((192, 256), (256, 192), (256, 256))
+    assert s.remat == "dots"  # 'auto' on a CPU
+
+
+def test_auto_remat_recomputes_elementwise_work_on_a_cpu_only():
+    assert [check_remat("auto", p) for p in ("cpu", "gpu", "tpu")] == ["dots", "none", "none"]
+    assert check_remat("full") == "full"
+    with pytest.raises(ValueError, match="remat: expected 'auto' or one of"):
+        check_remat("some")
 
 
 def test_total_steps_override_scales_the_drop():

@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # the latest k, plus the best by eval/AP
     c.max_consecutive_nonfinite = 20
     c.compute_dtype = "float32"  # or "bfloat16" (float32 parameters)
-    c.remat = "none"  # or "full" / "dots": recompute each transformer layer in the backward pass
+    c.remat = "auto"  # recompute in each transformer layer's backward: "none", "dots", "full";
+    # "auto": "dots" on a CPU (faster there), "none" on a GPU / TPU
     c.eval_nms_iou = 0.0  # > 0: class-wise NMS at this IoU in evaluation (0: published, none)
     c.backbone_weights = ""  # ImageNet ResNet (torchvision state dict) to start from
 

@@ -195,6 +195,6 @@ def resolve(config, num_train_examples: int, process_count: int = 1) -> Settings
         max_consecutive_nonfinite=_positive("max_consecutive_nonfinite",
                                             config.max_consecutive_nonfinite),
         compute_dtype=str(config.compute_dtype),
-        remat=check_remat(str(config.get("remat", "none"))),
+        remat=check_remat(str(config.get("remat", "auto"))),
         eval_nms_iou=eval_nms_iou(config),
         backbone_weights=str(config.get("backbone_weights", "")))
