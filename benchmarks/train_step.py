@@ -10,7 +10,7 @@ AdamW step. torch uses 2 threads on CPU (OMP_WAIT_POLICY=PASSIVE, see
 benchmarks/ms_deform_attn.py).
 
     python benchmarks/train_step.py [--device gpu] [--dtype bfloat16] [--repeats 3]
-        [--solver scipy|optax] [--targets 5] [--remat none|dots|full]
+        [--solver scipy|optax] [--targets 5] [--remat auto|none|dots|full]
 
 --solver scipy (the default) is the HostMatchedStep: two programs with
 scipy's matching on the host between them; optax matches inside one program.
@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import (hf_train_step, jax_train_step, make_batch, random_hf_detr,  # noqa: E402
                     time_interleaved)
 from ddetr_jax.convert import load_torch_checkpoint  # noqa: E402
+from ddetr_jax.models.stack import check_remat  # noqa: E402
 
 
 def main():
@@ -46,8 +47,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--solver", choices=("scipy", "optax"), default="scipy")
     parser.add_argument("--targets", type=int, default=5, help="targets per image")
-    parser.add_argument("--remat", choices=("none", "dots", "full"), default="none",
-                        help="recompute in each transformer layer's backward (config.remat)")
+    parser.add_argument("--remat", choices=("auto", "none", "dots", "full"), default="auto",
+                        help="recompute in each transformer layer's backward (config.remat; "
+                             "auto: training's default on this device)")
     args = parser.parse_args()
 
     import torch
@@ -61,13 +63,14 @@ def main():
     hf = hf.to(tdev).train()
     batch = make_batch(args.size, args.targets)
 
+    remat = check_remat(args.remat, jdev.platform)
     run_jax, compile_s, memories = jax_train_step(model, batch, jdev, args.dtype, args.solver,
-                                                 args.remat)
+                                                 remat)
     run_torch = hf_train_step(hf, batch, tdev, args.dtype)
     j, tm = time_interleaved(run_jax, run_torch, args.repeats)
     print(f"jax {jax.__version__} on {jdev.device_kind}; torch {torch.__version__} on {tdev} "
           f"({torch.get_num_threads()} threads); multi-scale train step, batch 2 x "
-          f"{args.size}x{args.size}, {args.dtype}, median of {args.repeats}")
+          f"{args.size}x{args.size}, {args.dtype}, remat {remat}, median of {args.repeats}")
     print(f"JAX compile: {compile_s:.1f} s")
     print(f"JAX step: {j * 1e3:.0f} ms ({2 / j:.2f} images/s)   HF step: {tm * 1e3:.0f} ms "
           f"({2 / tm:.2f} images/s)   speed-up: {tm / j:.2f}x")
