@@ -79,10 +79,11 @@ def program_bytes(memory) -> int:
 
 
 def jax_train_step(model, batch, device, dtype: str = "float32", solver: str = "scipy",
-                   remat: str = "none"):
+                   remat: str = "auto"):
     """This project's train step for `model` on one device (AdamW with the published
     parameter groups and clipping; the published loss and matching weights; remat:
-    per transformer layer, as the config's remat).
+    per transformer layer, as the config's remat; 'auto' resolves as training does on
+    `device`).
 
     Returns (run, compile_s, memories): run() takes one step and waits for it;
     memories: [(program name, XLA memory analysis or None)], one per compiled program.
@@ -91,10 +92,12 @@ def jax_train_step(model, batch, device, dtype: str = "float32", solver: str = "
     import jax.numpy as jnp
 
     from ddetr_jax.losses import LossConfig
+    from ddetr_jax.models.stack import check_remat
     from ddetr_jax.optimizer import OptimizerConfig, make_optimizer
     from ddetr_jax.sharding import data_mesh, shard_batch, split_model
     from ddetr_jax.train.step import HostMatchedStep, init_state, make_train_step
 
+    remat = check_remat(remat, device.platform)
     graphdef, params, rest = split_model(model)
     tx, lr = make_optimizer(params, OptimizerConfig())
     mesh = data_mesh([device])

@@ -10,7 +10,8 @@
    device (published: 4), at two of the published training buckets: the most
    frequent under the published augmentation of COCO-like image sizes
    (common.coco_like_sizes) and the largest; float32 and bfloat16. JAX: this
-   project's step (scipy matching between two programs); HF:
+   project's step (scipy matching between two programs; remat as training's
+   default on that device); HF:
    DeformableDetrForObjectDetection with the same weights, float32 with TF32 allowed
    (as JAX's default matmul precision on GPU) and bfloat16 autocast. Rows run in
    that order while the seconds left of --budget_s (counted from the start) hold
@@ -54,6 +55,7 @@ from ms_deform_attn import LEVELS, op_cases  # noqa: E402
 from ddetr_jax.convert import load_torch_checkpoint  # noqa: E402
 from ddetr_jax.data import buckets as bucket_lib  # noqa: E402
 from ddetr_jax.data.transforms import TransformConfig  # noqa: E402
+from ddetr_jax.models.stack import check_remat  # noqa: E402
 
 COCO_TRAIN_IMAGES = 118_287
 EPOCHS = 50
@@ -226,7 +228,8 @@ def main():
     freq = bucket_frequencies(published)
     buckets = np.array([scaled(hw, args.scale) for hw in published.tolist()])
     print(f"# GPU suite: jax {jax.__version__} on {jdev.device_kind}; torch {torch.__version__}"
-          f" on {tdev}; median of {args.repeats}; image sides x{args.scale}")
+          f" on {tdev}; median of {args.repeats}; image sides x{args.scale}; JAX remat "
+          f"{check_remat('auto', jdev.platform)} (training's default there)")
     print_op_table(jdev, tdev, args.batch, args.scale, args.repeats)
     measured = run_steps(jdev, tdev, buckets, freq, args, budget)
     print_projection(measured, buckets, freq, args, jdev.device_kind)
