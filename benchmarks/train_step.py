@@ -5,7 +5,8 @@ Same random weights (the HF model converted), same batch of 2 images at
 step on one device (forward, matching, losses with auxiliary terms, backward,
 AdamW with parameter groups and clipping). HF: DeformableDetrForObjectDetection
 in train mode with labels (auxiliary loss on, class/bbox/GIoU matching costs
-2/5/2; HF fixes the class loss weight at 1), backward, clip_grad_norm_ 0.1,
+2/5/2; HF fixes the class loss weight at 1; the backbone's stages 2-4 train as
+published, common.train_backbone_as_published), backward, clip_grad_norm_ 0.1,
 AdamW step. torch uses 2 threads on CPU (OMP_WAIT_POLICY=PASSIVE, see
 benchmarks/ms_deform_attn.py).
 
