@@ -1,5 +1,6 @@
-"""benchmarks/gpu_suite.py's arithmetic: which buckets it measures and the projected
-cost of the published schedule (the timed parts run on a device, not in tests)."""
+"""benchmarks/gpu_suite.py's arithmetic (which buckets it measures, the projected
+cost of the published schedule) and that its HF step trains what ours trains (the
+timed parts run on a device, not in tests)."""
 
 import os
 import subprocess
@@ -55,3 +56,40 @@ def test_the_suite_needs_no_input_pipeline_or_config_packages():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_hf_trains_the_same_backbone_parameters_as_this_project():
+    """train_backbone_as_published: HF's trainable backbone tensors are the conv
+    kernels of stages 2-4 (HF's stages 1-3), they get gradients and nothing else
+    does, and they are as many as the kernels this project's step trains."""
+    import jax
+    import torch
+    from flax import nnx
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    from common import train_backbone_as_published
+    from ddetr_jax.models.backbone import ResNet
+
+    torch.manual_seed(0)
+    hf = DeformableDetrForObjectDetection(DeformableDetrConfig(
+        num_labels=9, use_timm_backbone=False, use_pretrained_backbone=False,
+        backbone_config=ResNetConfig(depths=[2, 2, 2, 2], layer_type="basic",
+                                     hidden_sizes=[8, 16, 32, 64],
+                                     out_features=["stage2", "stage3", "stage4"]),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
+        num_queries=4))
+    train_backbone_as_published(hf)
+    trainable = [n for n, p in hf.model.backbone.model.named_parameters() if p.requires_grad]
+    assert trainable and all(any(f"stages.{i}." in n for i in (1, 2, 3)) for n in trainable)
+
+    features = hf.model.backbone.model(torch.randn(1, 3, 64, 64)).feature_maps
+    sum(f.sum() for f in features).backward()
+    grads = {n: p.grad for n, p in hf.model.backbone.model.named_parameters()}
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in trainable)
+    assert all(g is None for n, g in grads.items() if n not in trainable)
+
+    # Its stages 2-4 train, the stem and layer1 get no gradient (test_model.py).
+    resnet = nnx.eval_shape(lambda: ResNet(18, width=8, rngs=nnx.Rngs(0)))
+    kernels = jax.tree.leaves(nnx.state(nnx.List(list(resnet.layers)[1:]), nnx.Param))
+    assert len(kernels) == len(trainable)
