@@ -8,7 +8,7 @@ from flax import nnx
 
 from ddetr_jax.models import DeformableDETR, ModelConfig, count_parameters
 from ddetr_jax.models.attention import sampling_offset_bias
-from ddetr_jax.models.backbone import nearest_indices
+from ddetr_jax.models.backbone import _max_pool_3x3_s2, nearest_indices
 from ddetr_jax.models.conv import conv_or_matmul
 from ddetr_jax.models.dropout import Dropout, keep_mask
 
@@ -109,6 +109,26 @@ def test_pointwise_convolutions_as_dots_equal_the_convolution(kernel, stride, pa
     if kernel == 1 and pad == 0:
         text = jax.jit(jax.grad(loss(conv_or_matmul), 1)).lower(x, w).as_text()
         assert "convolution" not in text
+
+
+@pytest.mark.parametrize("height, width", [(9, 11), (8, 12), (1, 2)])
+def test_stem_max_pool_and_its_gradient_are_pytorchs(height, width):
+    """Output and input gradient of MaxPool2d(3, 2, 1), ties included (ReLU
+    outputs on a coarse grid: many windows hold their maximum twice), where
+    the gradient goes to each window's first maximum; no select-and-scatter
+    in the gradient's program."""
+    import torch
+    x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.key(0), (2, height, width, 3))) * 2) / 2
+    out, vjp = jax.vjp(_max_pool_3x3_s2, x)
+    grad_out = jax.random.normal(jax.random.key(1), out.shape)
+    x_torch = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).requires_grad_()
+    out_torch = torch.nn.functional.max_pool2d(x_torch, 3, 2, 1)
+    out_torch.backward(torch.tensor(np.asarray(grad_out)).permute(0, 3, 1, 2))
+    np.testing.assert_array_equal(out, out_torch.detach().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_allclose(vjp(grad_out)[0], x_torch.grad.permute(0, 2, 3, 1).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    text = jax.jit(jax.grad(lambda x: jnp.vdot(_max_pool_3x3_s2(x), grad_out))).lower(x).as_text()
+    assert "select_and_scatter" not in text and "reduce_window" not in text
 
 
 def test_published_initialisation():
