@@ -24,16 +24,18 @@ def time_interleaved(run_jax, run_torch, repeats: int) -> tuple[float, float]:
     return statistics.median(jax_times), statistics.median(torch_times)
 
 
-def random_hf_detr(seed: int = 0, **config_kwargs):
+def random_hf_detr(seed: int = 0, backbone: dict | None = None, **config_kwargs):
     """HF DeformableDetrForObjectDetection with random weights, built offline, with
-    the paper's ResNet-50 backbone feeding C3-C5 (HF's stage2-4) to the transformer."""
+    the paper's ResNet-50 backbone feeding C3-C5 (HF's stage2-4) to the transformer.
+    backbone: ResNetConfig fields other than the published ones (tests' tiny ResNets)."""
     import torch
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
     torch.manual_seed(seed)
     config = DeformableDetrConfig(
         num_labels=91, use_timm_backbone=False, use_pretrained_backbone=False,
-        backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]),
+        backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"],
+                                     **(backbone or {})),
         **config_kwargs)
     return DeformableDetrForObjectDetection(config)
 

@@ -65,20 +65,15 @@ def test_hf_trains_the_same_backbone_parameters_as_this_project():
     import jax
     import torch
     from flax import nnx
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
-    from common import train_backbone_as_published
+    from common import random_hf_detr, train_backbone_as_published
     from ddetr_jax.models.backbone import ResNet
 
-    torch.manual_seed(0)
-    hf = DeformableDetrForObjectDetection(DeformableDetrConfig(
-        num_labels=9, use_timm_backbone=False, use_pretrained_backbone=False,
-        backbone_config=ResNetConfig(depths=[2, 2, 2, 2], layer_type="basic",
-                                     hidden_sizes=[8, 16, 32, 64],
-                                     out_features=["stage2", "stage3", "stage4"]),
+    hf = random_hf_detr(
+        backbone=dict(depths=[2, 2, 2, 2], layer_type="basic", hidden_sizes=[8, 16, 32, 64]),
         d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32,
         decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
-        num_queries=4))
+        num_queries=4)
     train_backbone_as_published(hf)
     trainable = [n for n, p in hf.model.backbone.model.named_parameters() if p.requires_grad]
     assert trainable and all(any(f"stages.{i}." in n for i in (1, 2, 3)) for n in trainable)
