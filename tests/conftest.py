@@ -11,6 +11,7 @@ cache is new for every run and removed after it, so no run depends on an
 earlier one; tests/test_compile_cache.py uses a fresh directory of its own.
 """
 
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -24,12 +25,21 @@ if RUN_CACHE is not None:
 os.environ.setdefault("DDETR_JAX_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # as train.py
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+
+
+def _jaxlib_before(major: int, minor: int) -> bool:
+    version = importlib.metadata.version("jaxlib").split(".")
+    return (int(version[0]), int(version[1])) < (major, minor)
+
+
 # XLA:CPU's older elemental emitters for fusions: with most optimisations off (the
 # tests that check behaviour, not speed) they compile ~40% faster (a tiny two-stage
 # step on 8 devices: 13.6 -> 8.5 s); at the default optimisation they compile no faster
-# and run that step slower (1.48 vs 1.24 s), so train.py does not use them.
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_use_fusion_emitters=false"]).strip()
+# and run that step slower (1.48 vs 1.24 s), so train.py does not use them. jaxlib 0.11
+# removed the flag, and XLA aborts the process on a flag it does not know.
+if _jaxlib_before(0, 11):
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_use_fusion_emitters=false"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
