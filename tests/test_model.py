@@ -52,6 +52,15 @@ def test_every_variant_runs_and_keeps_the_output_contract(variant):
     assert np.all((boxes >= 0) & (boxes <= 1))
 
 
+def test_two_stage_on_an_image_with_fewer_tokens_than_queries_says_so():
+    config = ModelConfig(**{**TINY, "num_queries": 300}, with_box_refine=True, two_stage=True)
+    model = DeformableDETR(config, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"the image gives 128 encoder tokens .* fewer than "
+                                         r"the model.num_queries=300"):
+        nnx.eval_shape(lambda m: m(jnp.ones((1, 64, 96, 3)), jnp.zeros((1, 64, 96), bool)),
+                       model)
+
+
 def test_dc5_is_stride_16():
     model = DeformableDETR(ModelConfig(**TINY, num_feature_levels=1, dilation=True),
                            rngs=nnx.Rngs(0))

@@ -202,6 +202,11 @@ class DeformableDETR(nnx.Module):
         Mirrors the two_stage branch of the authors' DeformableTransformer.
         """
         c = self.config
+        if memory.shape[1] < c.num_queries:
+            raise ValueError(
+                f"two_stage: the image gives {memory.shape[1]} encoder tokens (levels "
+                f"{tuple(shapes)}), fewer than the model.num_queries={c.num_queries} "
+                "proposals it selects; use larger images or fewer queries")
         proposal_memory, proposals = encoder_proposals(memory, mask, shapes)
         proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
         enc_logits = stack.layer(self.class_embed, c.dec_layers)(proposal_memory)  # (B, S, C)
