@@ -162,6 +162,36 @@ def test_from_converted_checkpoint(model, detector, tmp_path):
     np.testing.assert_array_equal(a["boxes_xyxy"], b["boxes_xyxy"])
 
 
+def test_converted_checkpoint_loads_without_the_devices_that_wrote_it(tmp_path):
+    """Written with the weights on CPU device 7 of this process's 8 (as a GPU machine
+    writes GPU arrays), loaded in a process with one device: the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from ddetr_jax.convert import WEIGHTS
+    model = DeformableDETR(TINY, rngs=nnx.Rngs(5))
+    nnx.update(model, jax.device_put(nnx.state(model, WEIGHTS), jax.devices()[7]))
+    save_converted(model, TINY, str(tmp_path / "converted"))
+    expected = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, WEIGHTS)))
+    np.savez(tmp_path / "expected.npz", *jax.tree.leaves(expected))
+    script = (
+        "import sys, jax, numpy as np; from flax import nnx\n"
+        "from ddetr_jax.checkpoints.loading import load_converted\n"
+        "from ddetr_jax.convert import WEIGHTS\n"
+        "assert len(jax.devices()) == 1\n"
+        "model, _ = load_converted(sys.argv[1])\n"
+        "got = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, WEIGHTS)))\n"
+        "want = np.load(sys.argv[2])\n"
+        "assert len(got) == len(want.files)\n"
+        "for i, g in enumerate(got): np.testing.assert_array_equal(g, want[f'arr_{i}'])\n")
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "converted"),
+                             str(tmp_path / "expected.npz")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_checkpoint_with_one_subtree_per_layer_loads_stacked(tmp_path):
     """Checkpoints written before the layers were stacked ('layers': {'0': ..., '1': ...})
     load into the stacked model with the same weights."""

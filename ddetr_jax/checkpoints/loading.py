@@ -21,7 +21,6 @@ from typing import Mapping
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from ddetr_jax.checkpoints.store import (Checkpoints, corrupt_checkpoint, restore_numpy,
@@ -90,8 +89,7 @@ def load_converted(path) -> tuple[DeformableDETR, ModelConfig]:
     with open(os.path.join(path, "model_config.json")) as f:
         config = ModelConfig(**json.load(f))
     model = DeformableDETR(config, rngs=nnx.Rngs(0))
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(os.path.join(path, "state"))
+    restored = restore_numpy(os.path.join(path, "state"))  # not onto the writer's devices
     _fill(model, WEIGHTS, restored, f"{path}: does not match its model_config.json")
     return model, config
 
