@@ -1,6 +1,7 @@
 """train.py / evaluate.py command lines (ddetr_jax/cli.py): help, config fields, errors, logs."""
 
 import logging
+import os
 import pathlib
 import subprocess
 import sys
@@ -69,3 +70,53 @@ def test_libraries_are_quiet_unless_verbose(restore_logging, capsys):
     cli.configure_logging(verbose=True)
     logging.getLogger("absl").setLevel(logging.NOTSET)
     assert logging.getLogger("absl").isEnabledFor(logging.WARNING)
+
+
+@pytest.mark.parametrize("environ, glibc, thp, expected", [
+    ({}, "glibc 2.36", "madvise", "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc 2.35", "madvise",
+     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ({}, "glibc 2.34", "madvise", None),  # no hugetlb tunable before 2.35
+    ({}, None, "madvise", None),  # not glibc (musl, macOS)
+    ({}, "glibc 2.36", "always", None),  # huge pages without asking
+    ({}, "glibc 2.36", "never", None),
+    ({}, "glibc 2.36", None, None),  # no THP in this kernel
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc 2.36", "madvise", None),  # user's
+    ({"DDETR_JAX_HUGE_PAGES": "0"}, "glibc 2.36", "madvise", None),
+])
+def test_huge_pages_are_asked_for_only_where_they_help(environ, glibc, thp, expected):
+    env = cli.huge_pages_env(environ, glibc, thp)
+    assert (env if env is None else env["GLIBC_TUNABLES"]) == expected
+    if env is not None:
+        assert {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"} == {
+            k: v for k, v in environ.items() if k != "GLIBC_TUNABLES"}
+
+
+def _probe(tmp_path, **extra_env):
+    """Runs a script under cli.run in this environment without GLIBC_TUNABLES and
+    DDETR_JAX_HUGE_PAGES, plus extra_env; returns what its main sees:
+    GLIBC_TUNABLES and argv."""
+    script = tmp_path / "probe.py"
+    script.write_text("import os, sys\nfrom ddetr_jax import cli\n"
+                      "def main(argv):\n"
+                      "    print(os.environ.get('GLIBC_TUNABLES'), argv[1:])\n"
+                      "cli.run(main)\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "DDETR_JAX_HUGE_PAGES")} | {"PYTHONPATH": str(ROOT)}
+    env |= extra_env
+    done = subprocess.run([sys.executable, "-u", str(script), "a", "b"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split(maxsplit=1)
+
+
+def test_scripts_restart_with_huge_pages_where_the_machine_grants_them(tmp_path):
+    glibc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names \
+        else None
+    expected = cli.huge_pages_env({}, glibc, cli._thp_mode()) if sys.platform == "linux" \
+        else None
+    tunables, argv = _probe(tmp_path)
+    assert tunables == (expected["GLIBC_TUNABLES"] if expected else "None")
+    assert argv == "['a', 'b']\n"  # the same command line after the restart
+    tunables, _ = _probe(tmp_path, DDETR_JAX_HUGE_PAGES="0")
+    assert tunables == "None"
