@@ -104,7 +104,7 @@ def _restart_with_huge_pages() -> None:
     glibc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names \
         else None
     env = huge_pages_env(os.environ, glibc, _thp_mode()) if sys.platform == "linux" else None
-    if env is not None and os.path.isfile(sys.argv[0]):
+    if env is not None and sys.executable and os.path.isfile(sys.argv[0]):
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
