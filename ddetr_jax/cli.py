@@ -99,11 +99,16 @@ def huge_pages_env(environ, glibc: str | None, thp_mode: str | None) -> dict | N
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE)))}
 
 
-def _restart_with_huge_pages() -> None:
-    """Replaces this process with the same command under huge_pages_env, if any."""
-    glibc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names \
+def _glibc() -> str | None:
+    """This process's C library as os.confstr names it ("glibc 2.36"), or None."""
+    return os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names \
         else None
-    env = huge_pages_env(os.environ, glibc, _thp_mode()) if sys.platform == "linux" else None
+
+
+def _restart_with_huge_pages() -> None:
+    """Replaces this process with the same command under huge_pages_env, if any
+    (none off Linux: no THP mode file there)."""
+    env = huge_pages_env(os.environ, _glibc(), _thp_mode())
     if env is not None and sys.executable and os.path.isfile(sys.argv[0]):
         sys.stdout.flush()
         sys.stderr.flush()

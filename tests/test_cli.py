@@ -111,10 +111,7 @@ def _probe(tmp_path, **extra_env):
 
 
 def test_scripts_restart_with_huge_pages_where_the_machine_grants_them(tmp_path):
-    glibc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names \
-        else None
-    expected = cli.huge_pages_env({}, glibc, cli._thp_mode()) if sys.platform == "linux" \
-        else None
+    expected = cli.huge_pages_env({}, cli._glibc(), cli._thp_mode())
     tunables, argv = _probe(tmp_path)
     assert tunables == (expected["GLIBC_TUNABLES"] if expected else "None")
     assert argv == "['a', 'b']\n"  # the same command line after the restart
