@@ -127,16 +127,29 @@ def test_host_matching_equals_matching_inside_the_step():
                                LossConfig(solver=solver))
         assert isinstance(step, HostMatchedStep) == (solver == "scipy")
         state = init_state(params, tx, mesh)
+        params, metrics = [], []
         for i in range(2):
-            state, metrics = step(state, shard_batch(batch, mesh), jax.random.key(i))
-        results.append((jax.tree.map(np.asarray, state.params), jax.device_get(metrics)))
+            state, step_metrics = step(state, shard_batch(batch, mesh), jax.random.key(i))
+            params.append(jax.tree.map(np.asarray, state.params))
+            metrics.append(jax.device_get(step_metrics))
+        results.append((params, metrics))
         if solver == "scipy":  # a label the model cannot predict is never silently unmatched
             bad = dict(batch, labels=np.where(batch["target_valid"], 91, batch["labels"]))
             with pytest.raises(ValueError, match=r"label 91 .* outside \[0, model.num_classes"):
                 step(state, shard_batch(bad, mesh), jax.random.key(2))
     (p_host, m_host), (p_device, m_device) = results
-    assert set(m_host) == set(m_device)
-    for key in m_host:
-        np.testing.assert_allclose(m_host[key], m_device[key], rtol=2e-5, atol=1e-7, err_msg=key)
-    for a, b in zip(jax.tree.leaves(p_host), jax.tree.leaves(p_device)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # The second step starts from parameters that differ by float rounding (the two
+    # programs fuse differently), and the sampling op's gradient with respect to a
+    # location steps where the location crosses a pixel: on some CPUs its gradients
+    # then differ by ~1e-4 (gradient norm 2.3e-5 relative, parameters 9e-7 after the
+    # SGD step). Other dropout masks in the second step move a parameter by 2e-3
+    # and the gradient norm by 4%.
+    for i, tolerance in enumerate(({}, {"grad_norm": 1e-4})):
+        assert set(m_host[i]) == set(m_device[i])
+        for key in m_host[i]:
+            np.testing.assert_allclose(m_host[i][key], m_device[i][key],
+                                       rtol=tolerance.get(key, 2e-5), atol=1e-7,
+                                       err_msg=f"step {i}: {key}")
+    for i, atol in enumerate((1e-7, 1e-5)):
+        for a, b in zip(jax.tree.leaves(p_host[i]), jax.tree.leaves(p_device[i])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=f"step {i}")
