@@ -11,10 +11,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from ddetr_jax.checkpoints.store import Checkpoints, CorruptCheckpoint, SaveFailed
 from ddetr_jax.train.loop import restore_newest
+from ddetr_jax.train.step import TrainState
 from ddetr_jax.train.metrics import IntervalMean, MetricsWriter
 
 
@@ -45,6 +48,32 @@ def test_restore_is_bitwise(tmp_path):
     ckpt.wait()
     restored, _ = Checkpoints(tmp_path, keep=1).restore(1, {"x": jnp.zeros((5, 7))})
     assert np.asarray(restored["x"]).tobytes() == np.asarray(values).tobytes()
+
+
+def test_checkpoint_of_variable_state_restores_into_pure_state(tmp_path):
+    """Runs checkpointed before the state held pure arrays (nnx.Variables, stored as
+    {'value': array}) resume: same values, in the pure layout the step takes."""
+    model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Linear(3, 1, rngs=nnx.Rngs(1)))
+    graphdef, variables = nnx.split(model, nnx.Param)
+    tx = optax.multi_transform(  # masked states, as make_optimizer's: layer 1 is frozen
+        {"train": optax.adamw(1e-3), "frozen": optax.set_to_zero()},
+        lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if path[1].key == 1 else "train", params))
+    grads = jax.tree.map(jnp.ones_like, variables)
+    old = TrainState(variables, tx.update(grads, tx.init(variables), variables)[1],
+                     jnp.asarray(7, jnp.int32))
+    ckpt = Checkpoints(tmp_path, keep=1)
+    ckpt.save(7, old, {"data_iterator": {}})
+    ckpt.wait()
+    pure = nnx.to_pure_dict(variables)
+    target = TrainState(jax.tree.map(jnp.zeros_like, pure), tx.init(pure),
+                        jnp.zeros((), jnp.int32))
+    restored, _ = Checkpoints(tmp_path, keep=1).restore(7, target)
+    assert jax.tree.structure(restored) == jax.tree.structure(target)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(old)):
+        np.testing.assert_array_equal(got, want)
+    adam = restored.opt_state.inner_states["train"].inner_state[0]
+    assert float(jnp.abs(adam.mu["layers"][0]["kernel"]).sum()) > 0
 
 
 def test_interval_mean():

@@ -103,9 +103,36 @@ def _tree_structure(checkpointer, directory):
     return tree
 
 
-def _read_structure(directory) -> None:
+def _read_structure(directory):
     with ocp.PyTreeCheckpointer() as checkpointer:
-        _tree_structure(checkpointer, directory)
+        return _tree_structure(checkpointer, directory)
+
+
+def _names(path) -> tuple[str, ...]:
+    """A pytree path as strings: dict keys, attribute names and indices alike."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _as_stored(abstract, item_dir: pathlib.Path):
+    """`abstract` with each leaf that the checkpoint in item_dir stores as
+    {'value': array} wrapped the same way. Checkpoints written while the state held
+    nnx.Variables (before sharding.split_model returned pure dicts) store every
+    parameter and optimizer moment so; later ones store the arrays themselves.
+    An unreadable structure leaves `abstract` as it is (the restore names the damage)."""
+    try:
+        stored_tree = _read_structure(item_dir)
+    except Exception:  # orbax, tensorstore and json raise many types
+        return abstract
+    stored = {_names(path) for path, _ in  # None: an empty node (e.g. optax's MaskedNode)
+              jax.tree_util.tree_flatten_with_path(stored_tree, is_leaf=lambda x: x is None)[0]}
+    def empty(node):  # a node without children (MaskedNode), not a subtree of them
+        structure = jax.tree.structure(node)
+        return structure.num_leaves == 0 and structure.num_nodes == 1
+
+    def wrap(path, leaf):
+        names = _names(path)
+        return {"value": leaf} if names not in stored and names + ("value",) in stored else leaf
+    return jax.tree_util.tree_map_with_path(wrap, abstract, is_leaf=empty)
 
 
 def _check_readable(item_dir: pathlib.Path, read) -> None:
@@ -202,7 +229,9 @@ class Checkpoints:
             if not (directory / item).is_dir():
                 raise CorruptCheckpoint(f"{directory / item}: missing")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-        state = self._restore_item(iteration, "state", ocp.args.StandardRestore(abstract))
+        state = self._restore_item(iteration, "state", ocp.args.StandardRestore(
+            _as_stored(abstract, directory / "state")))
+        state = jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(state))
         extra = self._restore_item(iteration, "extra", ocp.args.JsonRestore())
         _check_readable(directory / "state", _read_structure)  # what evaluate.py reads
         if (directory / "frozen").is_dir():
