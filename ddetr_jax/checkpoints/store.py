@@ -123,8 +123,10 @@ def _as_stored(abstract, item_dir: pathlib.Path):
         stored_tree = _read_structure(item_dir)
     except Exception:  # orbax, tensorstore and json raise many types
         return abstract
-    stored = {_names(path) for path, _ in  # None: an empty node (e.g. optax's MaskedNode)
+    # orbax stores an empty node (optax's MaskedNode) as None: kept as a leaf here
+    stored = {_names(path) for path, _ in
               jax.tree_util.tree_flatten_with_path(stored_tree, is_leaf=lambda x: x is None)[0]}
+
     def empty(node):  # a node without children (MaskedNode), not a subtree of them
         structure = jax.tree.structure(node)
         return structure.num_leaves == 0 and structure.num_nodes == 1

@@ -300,6 +300,7 @@ def write_split(out_dir, split, num_images, seed):
     out_dir = pathlib.Path(out_dir)
     (out_dir / split).mkdir(parents=True, exist_ok=True)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
+
     def write_image(index):  # drawing and JPEG encoding release the GIL: 1.5x on 2 cores
         pixels, image_annotations = make_example(seed, split, index)
         Image.fromarray(pixels).save(out_dir / split / f"{index + 1:012d}.jpg", format="JPEG",
