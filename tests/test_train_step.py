@@ -127,12 +127,12 @@ def test_host_matching_equals_matching_inside_the_step():
                                LossConfig(solver=solver))
         assert isinstance(step, HostMatchedStep) == (solver == "scipy")
         state = init_state(params, tx, mesh)
-        params, metrics = [], []
+        params_per_step, metrics_per_step = [], []
         for i in range(2):
-            state, step_metrics = step(state, shard_batch(batch, mesh), jax.random.key(i))
-            params.append(jax.tree.map(np.asarray, state.params))
-            metrics.append(jax.device_get(step_metrics))
-        results.append((params, metrics))
+            state, metrics = step(state, shard_batch(batch, mesh), jax.random.key(i))
+            params_per_step.append(jax.tree.map(np.asarray, state.params))
+            metrics_per_step.append(jax.device_get(metrics))
+        results.append((params_per_step, metrics_per_step))
         if solver == "scipy":  # a label the model cannot predict is never silently unmatched
             bad = dict(batch, labels=np.where(batch["target_valid"], 91, batch["labels"]))
             with pytest.raises(ValueError, match=r"label 91 .* outside \[0, model.num_classes"):

@@ -108,9 +108,10 @@ def _read_structure(directory):
         return _tree_structure(checkpointer, directory)
 
 
-def _names(path) -> tuple[str, ...]:
-    """A pytree path as strings: dict keys, attribute names and indices alike."""
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+def _path_name(path) -> str:
+    """'opt_state/1/mu/layers/0/kernel': dict keys, attribute names and indices alike
+    (orbax names a NamedTuple's fields as dict keys)."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _as_stored(abstract, item_dir: pathlib.Path):
@@ -124,7 +125,7 @@ def _as_stored(abstract, item_dir: pathlib.Path):
     except Exception:  # orbax, tensorstore and json raise many types
         return abstract
     # orbax stores an empty node (optax's MaskedNode) as None: kept as a leaf here
-    stored = {_names(path) for path, _ in
+    stored = {_path_name(path) for path, _ in
               jax.tree_util.tree_flatten_with_path(stored_tree, is_leaf=lambda x: x is None)[0]}
 
     def empty(node):  # a node without children (MaskedNode), not a subtree of them
@@ -132,8 +133,8 @@ def _as_stored(abstract, item_dir: pathlib.Path):
         return structure.num_leaves == 0 and structure.num_nodes == 1
 
     def wrap(path, leaf):
-        names = _names(path)
-        return {"value": leaf} if names not in stored and names + ("value",) in stored else leaf
+        name = _path_name(path)
+        return {"value": leaf} if name not in stored and f"{name}/value" in stored else leaf
     return jax.tree_util.tree_map_with_path(wrap, abstract, is_leaf=empty)
 
 
