@@ -46,7 +46,10 @@ def get_config():
     c.data.val_scale = 160
     c.data.resize_only_prob = 1.0  # no resize-crop-resize branch: a short schedule
     c.data.num_workers = 0
-    c.data.num_threads = 1
+    # Batches are read in the main thread while the device runs the update program: a
+    # reader thread would hold the GIL when the matching and the update's dispatch need
+    # it (~10 ms a step on 2 cores; docs/benchmarks.md, "Quickstart").
+    c.data.num_threads = 0
 
     c.model.num_classes = 9  # the synthetic category ids go up to 8
     c.model.backbone_depth = 18

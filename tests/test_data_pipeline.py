@@ -2,6 +2,7 @@
 
 import logging
 import pathlib
+import threading
 
 import numpy as np
 import pytest
@@ -101,13 +102,16 @@ def test_train_is_deterministic_by_seed_and_changes_by_epoch(data):
     assert epoch_ids[0].tolist() != epoch_ids[1].tolist()
 
 
-def test_restoring_the_iterator_state_gives_the_same_next_batches(data):
-    iterator = iter(_train(data))
+@pytest.mark.parametrize("num_threads", [2, 0])  # 0: read in the calling thread
+def test_restoring_the_iterator_state_gives_the_same_next_batches(data, num_threads):
+    threads = threading.active_count()
+    iterator = iter(_train(data, num_threads=num_threads))
     for _ in range(3):
         next(iterator)
     state = iterator.get_state()
     expected = [next(iterator) for _ in range(3)]
-    restored = iter(_train(data))
+    assert (threading.active_count() > threads) == (num_threads > 0)  # reader threads or none
+    restored = iter(_train(data, num_threads=num_threads))
     restored.set_state(state)
     _assert_same([next(restored) for _ in range(3)], expected)
 

@@ -93,14 +93,26 @@ def evaluate_model(predict, states, batches, ground_truth, mesh: Mesh, *,
     start = time.perf_counter()
     accumulator = CocoAccumulator(ground_truth)
     sharding = NamedSharding(mesh, P("data"))
-    for batch in batches:
-        inputs = {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-                  for k in EVAL_KEYS}
-        detections = {k: local_rows(v) for k, v in predict(states, inputs).items()}
+
+    def add(batch, predicted):
+        detections = {k: local_rows(v) for k, v in predicted.items()}
         accumulator.add(batch["image_id"], detections["scores"], detections["labels"],
                         detections["boxes_xyxy"], batch["example_valid"])
         if on_batch is not None:
             on_batch(batch, detections)
+
+    # One batch behind: batch i's detections are read after batch i+1 is loaded and
+    # queued, so the host's loading and accumulating overlap the device's forward pass.
+    previous = None
+    for batch in batches:
+        inputs = {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+                  for k in EVAL_KEYS}
+        predicted = predict(states, inputs)
+        if previous is not None:
+            add(*previous)
+        previous = (batch, predicted)
+    if previous is not None:
+        add(*previous)
     metrics = accumulator.evaluate(results_path=results_path)
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics
