@@ -102,16 +102,39 @@ def test_train_is_deterministic_by_seed_and_changes_by_epoch(data):
     assert epoch_ids[0].tolist() != epoch_ids[1].tolist()
 
 
+class _ReadRecorder:
+    """A data source that records which threads read it."""
+
+    def __init__(self, source):
+        self.source, self.threads = source, set()
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        self.threads.add(threading.get_ident())
+        return self.source[index]
+
+
 @pytest.mark.parametrize("num_threads", [2, 0])  # 0: read in the calling thread
 def test_restoring_the_iterator_state_gives_the_same_next_batches(data, num_threads):
-    threads = threading.active_count()
-    iterator = iter(_train(data, num_threads=num_threads))
+    _, sources, sizes = data
+
+    def train():
+        return pipeline.train_dataset(source, CONFIG, seed=0, num_epochs=2, sizes=sizes["train"],
+                                      num_threads=num_threads)
+
+    source = _ReadRecorder(sources["train"])
+    iterator = iter(train())
     for _ in range(3):
         next(iterator)
     state = iterator.get_state()
     expected = [next(iterator) for _ in range(3)]
-    assert (threading.active_count() > threads) == (num_threads > 0)  # reader threads or none
-    restored = iter(_train(data, num_threads=num_threads))
+    assert (source.threads == {threading.get_ident()}) == (num_threads == 0)
+    restored = iter(train())
     restored.set_state(state)
     _assert_same([next(restored) for _ in range(3)], expected)
 
