@@ -109,6 +109,8 @@ def test_cosine_schedule_ends_at_total_steps():
     ("eval_nms_iou", 1.0, "eval_nms_iou: expected 0"),
     ("eval_nms_iou", -0.1, "eval_nms_iou: expected 0"),
     ("data.synthetic.seed", 0, r"data.synthetic: expected the fields \['name'"),
+    ("data.num_threads", -1, "data.num_threads must be >= 0"),
+    ("data.num_workers", -2, "data.num_workers must be >= 0"),
 ])
 def test_bad_configs(field, value, message):
     c = base_config()

@@ -89,6 +89,13 @@ def _positive(name: str, value) -> int:
     return int(value)
 
 
+def _count(name: str, value) -> int:
+    """A count that may be 0 (worker processes, reader threads)."""
+    if int(value) < 0:
+        raise ValueError(f"config.{name} must be >= 0, got {value}")
+    return int(value)
+
+
 def model_config(config) -> ModelConfig:
     return ModelConfig(**_fields(ModelConfig, dict(config.model), "model"))
 
@@ -140,7 +147,8 @@ def data_settings(config) -> DataSettings:
     d = config.data
     synthetic = synthetic_settings(d)
     return DataSettings(str(d.name), str(d.data_dir), str(d.train_split), str(d.eval_split),
-                        synthetic, int(d.num_workers), int(d.num_threads), int(d.prefetch))
+                        synthetic, *(_count(f"data.{name}", d[name])
+                                     for name in ("num_workers", "num_threads", "prefetch")))
 
 
 def eval_nms_iou(config) -> float:
