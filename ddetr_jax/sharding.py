@@ -1,5 +1,6 @@
 """Data parallelism over a 1-D ('data',) device mesh: the mesh, the model split
-into what is trained and what is not, and a process's batch as global arrays."""
+into what is trained and what is not, a process's batch as global arrays, and
+the device's results read one step behind it."""
 
 from __future__ import annotations
 
@@ -35,3 +36,22 @@ def shard_batch(batch, mesh: Mesh):
     sharding = NamedSharding(mesh, P("data"))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
             for k in BATCH_KEYS}
+
+
+class ReadBehind:
+    """Holds the device's results of one step until the next step is queued, so
+    reading them (a device to host copy, then host work) never leaves the device
+    idle. hold(*item) records the item held so far (record(*item)), then holds
+    this one; read() records what it holds, if anything."""
+
+    def __init__(self, record):
+        self._record, self._held = record, None
+
+    def hold(self, *item) -> None:
+        self.read()
+        self._held = item
+
+    def read(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._record(*held)

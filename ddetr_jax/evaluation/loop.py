@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddetr_jax.evaluation.coco import CocoAccumulator
 from ddetr_jax.postprocess import NUM_TOP, postprocess
+from ddetr_jax.sharding import ReadBehind
 
 EVAL_KEYS = ("images", "pad_mask", "orig_size")
 
@@ -101,18 +102,14 @@ def evaluate_model(predict, states, batches, ground_truth, mesh: Mesh, *,
         if on_batch is not None:
             on_batch(batch, detections)
 
-    # One batch behind: batch i's detections are read after batch i+1 is loaded and
-    # queued, so the host's loading and accumulating overlap the device's forward pass.
-    previous = None
+    # Batch i's detections are read after batch i+1 is loaded and queued, so the
+    # host's loading and accumulating overlap the device's forward pass.
+    unread = ReadBehind(add)
     for batch in batches:
         inputs = {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
                   for k in EVAL_KEYS}
-        predicted = predict(states, inputs)
-        if previous is not None:
-            add(*previous)
-        previous = (batch, predicted)
-    if previous is not None:
-        add(*previous)
+        unread.hold(batch, predict(states, inputs))
+    unread.read()
     metrics = accumulator.evaluate(results_path=results_path)
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics

@@ -42,7 +42,7 @@ from ddetr_jax.models import DeformableDETR
 from ddetr_jax.models.backbone import FrozenStat
 from ddetr_jax.optimizer import make_optimizer
 from ddetr_jax.postprocess import num_top_for
-from ddetr_jax.sharding import data_mesh, shard_batch, split_model
+from ddetr_jax.sharding import ReadBehind, data_mesh, shard_batch, split_model
 from ddetr_jax.train.metrics import IntervalMean, MetricsWriter
 from ddetr_jax.train.progress import Progress
 from ddetr_jax.train.step import init_state, make_train_step
@@ -88,24 +88,6 @@ class _StopSignal:
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-
-class _UnreadMetrics:
-    """Holds a step's metrics until the next step is queued, so reading them (a device
-    to host copy) never leaves the device idle; read() records what it holds."""
-
-    def __init__(self, record):
-        self._record, self._held = record, None
-
-    def hold(self, iteration: int, metrics) -> None:
-        """Records the step held so far, then holds this one."""
-        self.read()
-        self._held = (iteration, metrics)
-
-    def read(self) -> None:
-        if self._held is not None:
-            held, self._held = self._held, None
-            self._record(*held)
 
 
 def _any_process(*flags: bool) -> tuple[bool, ...]:
@@ -315,7 +297,7 @@ class Trainer:
                             s.train_batch.global_batch_size, enabled=self.is_main)
         rng = jax.random.key(s.seed)
         means, last_eval = IntervalMean(), {}
-        unread = _UnreadMetrics(lambda iteration, metrics: self._record_step(
+        unread = ReadBehind(lambda iteration, metrics: self._record_step(
             iteration, metrics, means, writer, progress))
         try:
             with _StopSignal() as stop:
