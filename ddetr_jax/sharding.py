@@ -1,6 +1,6 @@
 """Data parallelism over a 1-D ('data',) device mesh: the mesh, the model split
-into what is trained and what is not, a process's batch as global arrays, and
-the device's results read one step behind it."""
+into what is trained and what is not, a process's batch as global arrays and
+its rows of the results, read one step behind the device."""
 
 from __future__ import annotations
 
@@ -36,6 +36,19 @@ def shard_batch(batch, mesh: Mesh):
     sharding = NamedSharding(mesh, P("data"))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
             for k in BATCH_KEYS}
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a global array sharded over its leading axis, in
+    order (the rows this process contributed with make_array_from_process_local_data)."""
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, rows = set(), []
+    for shard in shards:
+        start = shard.index[0].start or 0
+        if start not in seen:  # a replicated axis would repeat rows
+            seen.add(start)
+            rows.append(np.asarray(shard.data))
+    return np.concatenate(rows)
 
 
 class ReadBehind:

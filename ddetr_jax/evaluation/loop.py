@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddetr_jax.evaluation.coco import CocoAccumulator
 from ddetr_jax.postprocess import NUM_TOP, postprocess
-from ddetr_jax.sharding import ReadBehind
+from ddetr_jax.sharding import ReadBehind, local_rows
 
 EVAL_KEYS = ("images", "pad_mask", "orig_size")
 
@@ -67,19 +67,6 @@ def make_predict_fn(graphdef, mesh: Mesh, num_top: int = NUM_TOP, fixed: tuple =
     batch_spec = {k: P("data") for k in EVAL_KEYS}
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), batch_spec),
                                  out_specs=P("data")))
-
-
-def local_rows(array: jax.Array) -> np.ndarray:
-    """This process's rows of a global array sharded over its leading axis, in
-    order (the rows this process contributed with make_array_from_process_local_data)."""
-    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
-    seen, rows = set(), []
-    for shard in shards:
-        start = shard.index[0].start or 0
-        if start not in seen:  # a replicated axis would repeat rows
-            seen.add(start)
-            rows.append(np.asarray(shard.data))
-    return np.concatenate(rows)
 
 
 def evaluate_model(predict, states, batches, ground_truth, mesh: Mesh, *,

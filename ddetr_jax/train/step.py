@@ -22,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ddetr_jax.losses import LossConfig, criterion, matching_costs
 from ddetr_jax.matcher import scipy_assign
 from ddetr_jax.ops.manual_axes import make_varying
-from ddetr_jax.sharding import BATCH_KEYS
+from ddetr_jax.sharding import BATCH_KEYS, local_rows
+
 
 class TrainState(NamedTuple):
     params: Any  # nnx.State of nnx.Param
@@ -148,12 +149,6 @@ def make_train_step(graphdef, rest, tx, lr_schedule, mesh: Mesh,
     return jax.jit(step, donate_argnums=(0,))
 
 
-def _local_rows(array) -> np.ndarray:
-    """This process's rows of an array sharded over ('data',), in mesh order."""
-    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
-
-
 class HostMatchedStep:
     """The train step with scipy's Hungarian matching on the host, between two programs.
 
@@ -206,8 +201,8 @@ class HostMatchedStep:
 
         Raises ValueError if a valid target's label is outside [0, num_classes):
         the model cannot predict it, so it would never be matched."""
-        valid = _local_rows(batch["target_valid"])
-        labels = _local_rows(batch["labels"])[valid]
+        valid = local_rows(batch["target_valid"])
+        labels = local_rows(batch["labels"])[valid]
         outside = labels[(labels < 0) | (labels >= num_classes)]
         if outside.size:
             raise ValueError(f"label {int(outside[0])} in the batch lies outside [0, "
@@ -215,7 +210,7 @@ class HostMatchedStep:
                              "matched")
         sharding = NamedSharding(self.mesh, P("data"))
         return [jax.make_array_from_process_local_data(
-                    sharding, scipy_assign(_local_rows(cost), valid, raise_on_nonfinite=False))
+                    sharding, scipy_assign(local_rows(cost), valid, raise_on_nonfinite=False))
                 for cost in costs]
 
     def lower(self, state: TrainState, batch, rng) -> "LoweredPair":
