@@ -15,7 +15,6 @@ import dataclasses
 
 import jax
 import optax
-from flax import nnx
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
 SCHEDULES = ("step", "cosine")
@@ -80,15 +79,17 @@ def schedule(base_lr: float, config: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [config.warmup_steps])
 
 
-def group_labels(params: nnx.State, freeze_stem: bool = True):
-    """The param_group of every leaf of a Param state, as a matching pytree."""
+def group_labels(params, freeze_stem: bool = True):
+    """The param_group of every leaf of the parameters (split_model's dict of arrays,
+    or an nnx.State of Params), as a matching pytree."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: param_group(tuple(getattr(k, "key", getattr(k, "idx", k))
                                           for k in path), freeze_stem), params)
 
 
-def make_optimizer(params: nnx.State, config: OptimizerConfig = OptimizerConfig()):
-    """Returns (optax transformation, default-group schedule)."""
+def make_optimizer(params, config: OptimizerConfig = OptimizerConfig()):
+    """Returns (optax transformation, default-group schedule) for the parameters
+    (split_model's dict of arrays, or an nnx.State of Params)."""
     def adamw(lr):
         return optax.adamw(schedule(lr, config), weight_decay=config.weight_decay)
 

@@ -26,7 +26,7 @@ from ddetr_jax.sharding import BATCH_KEYS, local_rows
 
 
 class TrainState(NamedTuple):
-    params: Any  # nnx.State of nnx.Param
+    params: Any  # nested dict of arrays (sharding.split_model)
     opt_state: Any
     step: jax.Array  # () int32, counts applied updates
 
