@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ddetr_jax.models import initializers
 from ddetr_jax.models.dropout import Dropout
 from ddetr_jax.ops import ms_deform_attn
 
-xavier = nnx.initializers.xavier_uniform()
-zeros = nnx.initializers.zeros
+xavier = initializers.xavier_uniform()
+zeros = initializers.zeros
 
 
 def linear(in_features: int, out_features: int, *, rngs, kernel_init=xavier, bias_init=zeros):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ddetr_jax.models import initializers
 from ddetr_jax.models.conv import conv_or_matmul
 
 
@@ -34,10 +35,10 @@ class FrozenBatchNorm(nnx.Module):
     """y = (x - mean) / sqrt(var + 1e-5) * weight + bias, all four frozen."""
 
     def __init__(self, features: int):
-        self.weight = FrozenStat(jnp.ones((features,), jnp.float32))
-        self.bias = FrozenStat(jnp.zeros((features,), jnp.float32))
-        self.running_mean = FrozenStat(jnp.zeros((features,), jnp.float32))
-        self.running_var = FrozenStat(jnp.ones((features,), jnp.float32))
+        self.weight = FrozenStat(initializers.ones(None, (features,)))
+        self.bias = FrozenStat(initializers.zeros(None, (features,)))
+        self.running_mean = FrozenStat(initializers.zeros(None, (features,)))
+        self.running_var = FrozenStat(initializers.ones(None, (features,)))
 
     def __call__(self, x):
         scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + 1e-5)
@@ -50,7 +51,7 @@ def _conv(in_features, out_features, kernel, stride=1, dilation=1, *, rngs):
     pad = dilation * (kernel // 2)
     return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
                     padding=((pad, pad), (pad, pad)), kernel_dilation=dilation, use_bias=False,
-                    kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                    kernel_init=initializers.variance_scaling(2.0, "fan_out", "normal"),
                     conv_general_dilated=conv_or_matmul, rngs=rngs)
 
 
@@ -66,9 +67,9 @@ class ConvBN(nnx.Module):
         self.conv = _conv(in_features, out_features, kernel, stride, dilation, rngs=rngs)
         if norm == "group_norm":
             self.bn = nnx.GroupNorm(out_features, num_groups=min(GROUPS, out_features // 4),
-                                    epsilon=1e-5, rngs=rngs,
-                                    scale_init=(nnx.initializers.zeros if zero_scale
-                                                else nnx.initializers.ones))
+                                    epsilon=1e-5, rngs=rngs, bias_init=initializers.zeros,
+                                    scale_init=(initializers.zeros if zero_scale
+                                                else initializers.ones))
         else:
             self.bn = FrozenBatchNorm(out_features)
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ddetr_jax.models import stack
+from ddetr_jax.models import initializers, stack
 from ddetr_jax.models.attention import linear
 from ddetr_jax.models.backbone import ResNet, resize_mask
 from ddetr_jax.models.conv import conv_or_matmul
@@ -65,8 +65,7 @@ class ModelConfig:
 def _torch_linear_init(fan_in: int):
     """PyTorch's default nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
-                                                                    bound)
+    return initializers.uniform(-bound, bound)
 
 
 class BoxHead(nnx.Module):
@@ -77,7 +76,8 @@ class BoxHead(nnx.Module):
         self.layers = nnx.List([
             nnx.Linear(dim, dim, kernel_init=init, bias_init=init, rngs=rngs),
             nnx.Linear(dim, dim, kernel_init=init, bias_init=init, rngs=rngs),
-            nnx.Linear(dim, 4, kernel_init=nnx.initializers.zeros, rngs=rngs),
+            nnx.Linear(dim, 4, kernel_init=initializers.zeros, bias_init=initializers.zeros,
+                       rngs=rngs),
         ])
 
     def __call__(self, x):
@@ -89,7 +89,7 @@ class BoxHead(nnx.Module):
 def _class_head(dim: int, num_classes: int, *, rngs):
     prior = -math.log((1 - 0.01) / 0.01)
     return nnx.Linear(dim, num_classes, kernel_init=_torch_linear_init(dim),
-                      bias_init=nnx.initializers.constant(prior), rngs=rngs)
+                      bias_init=initializers.constant(prior), rngs=rngs)
 
 
 class InputProjection(nnx.Module):
@@ -99,9 +99,11 @@ class InputProjection(nnx.Module):
         kernel, stride, pad = (3, 2, 1) if extra else (1, 1, 0)
         self.conv = nnx.Conv(in_features, dim, (kernel, kernel), strides=stride,
                              padding=((pad, pad), (pad, pad)),
-                             kernel_init=nnx.initializers.xavier_uniform(),
+                             kernel_init=initializers.xavier_uniform(),
+                             bias_init=initializers.zeros,
                              conv_general_dilated=conv_or_matmul, rngs=rngs)
-        self.norm = nnx.GroupNorm(dim, num_groups=32, epsilon=1e-5, rngs=rngs)
+        self.norm = nnx.GroupNorm(dim, num_groups=32, epsilon=1e-5, scale_init=initializers.ones,
+                                  bias_init=initializers.zeros, rngs=rngs)
 
     def __call__(self, x):
         return self.norm(self.conv(x))
@@ -131,7 +133,8 @@ class DeformableDETR(nnx.Module):
             source = in_channels[-1] if level == len(in_channels) else c.dim
             projections.append(InputProjection(source, c.dim, True, rngs=rngs))
         self.input_proj = nnx.List(projections)
-        self.level_embed = nnx.Param(jax.random.normal(rngs.params(), (c.num_feature_levels, c.dim)))
+        self.level_embed = nnx.Param(
+            initializers.normal(1.0)(rngs.params(), (c.num_feature_levels, c.dim)))
         args = (c.dim, c.ffn_dim, c.dropout, c.num_feature_levels, c.heads)
         self.encoder = Encoder(c.enc_layers, *args, c.enc_points, rngs=rngs)
         self.decoder = Decoder(c.dec_layers, *args, c.dec_points, rngs=rngs)
@@ -142,7 +145,7 @@ class DeformableDETR(nnx.Module):
             self.pos_trans_norm = layer_norm(2 * c.dim, rngs=rngs)
         else:
             self.query_embed = nnx.Embed(c.num_queries, 2 * c.dim,
-                                         embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+                                         embedding_init=initializers.normal(1.0), rngs=rngs)
             self.reference_points = linear(c.dim, 2, rngs=rngs)
         class_head = _class_head(c.dim, c.num_classes, rngs=rngs)
         box_head = BoxHead(c.dim, rngs=rngs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import numpy as np
 from flax import nnx
 
 # Rematerialisation per layer (jax.checkpoint policies): what a layer's
@@ -36,13 +37,22 @@ def check_remat(remat: str, platform: str | None = None) -> str:
     return remat
 
 
+def _stack(*arrays):
+    """Stacked on a new leading axis; on the host (no program to compile) but for RNG
+    keys and traced arrays (a stack built under jit or eval_shape)."""
+    if (jax.dtypes.issubdtype(arrays[0].dtype, jax.dtypes.prng_key)
+            or isinstance(arrays[0], jax.core.Tracer)):
+        return jax.numpy.stack(arrays)
+    return jax.device_put(np.stack(arrays))
+
+
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
     """Modules of one kind -> one module whose variables are theirs stacked (L, ...).
 
     Built from separately initialised modules, so a stack starts with exactly
     the weights the same modules built one after another would have.
     """
-    state = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *(nnx.state(m) for m in modules))
+    state = jax.tree.map(_stack, *(nnx.state(m) for m in modules))
     stack = modules[0]
     nnx.update(stack, state)
     return stack

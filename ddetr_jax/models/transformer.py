@@ -15,14 +15,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ddetr_jax.models import stack
+from ddetr_jax.models import initializers, stack
 from ddetr_jax.models.attention import MSDeformAttn, MultiHeadAttention, linear
 from ddetr_jax.models.dropout import Dropout
 from ddetr_jax.ops.manual_axes import make_varying, varying_axes
 
 
 def layer_norm(dim: int, *, rngs):
-    return nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
+    return nnx.LayerNorm(dim, epsilon=1e-5, scale_init=initializers.ones,
+                         bias_init=initializers.zeros, rngs=rngs)
 
 
 class FeedForward(nnx.Module):

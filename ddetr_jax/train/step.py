@@ -34,7 +34,8 @@ class TrainState(NamedTuple):
 def init_state(params, tx, mesh: Mesh) -> TrainState:
     """Fresh state, replicated over the mesh (the layout the step returns, so
     the second call reuses the first call's compilation)."""
-    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    # tx.init as one program: eagerly it compiles a zeros program per parameter shape.
+    state = TrainState(params, jax.jit(tx.init)(params), np.zeros((), np.int32))
     # One buffer per leaf: leaves that are the same array object (optimizer
     # states may share constants) would otherwise be donated twice.
     state = jax.tree.map(lambda x: np.array(x, copy=True), state)
