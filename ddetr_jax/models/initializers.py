@@ -5,7 +5,7 @@ The same values as jax.nn.initializers (flax's), bit for bit. Those draw
 per shape (and one more per shape for the scaling, the zeros and the layer
 stacking): building the quickstart model compiled 84 programs, 6.5 s of its
 7.6 s on a 2-core CPU, at every start with a cold cache and in every fresh
-notebook (now 11 programs, 1.2 s). These draw a block of at least MIN_BLOCK values with the same key
+notebook (now 13 programs, 1.2-1.6 s). These draw a block of at least MIN_BLOCK values with the same key
 and keep its first prod(shape): with JAX's partitionable threefry (its
 default) value i depends only on the key and i, so the prefix is the array
 the eager draw gives. Normal draws are scaled by JAX's own initialiser (on
@@ -28,7 +28,8 @@ MIN_BLOCK = 1 << 20  # one draw program for every parameter up to 1M values (4 m
 
 def _draw(sample, key, shape):
     """sample(key, (n,)) -> (n,) drawn as one block; its first prod(shape) values, shaped,
-    on the host. Traced (the model built under jit or eval_shape): sample(key, shape)."""
+    on the host. Traced (the model built under jit or eval_shape) or with partitionable
+    threefry off (prefixes would differ): sample(key, shape), as flax draws."""
     if isinstance(key, jax.core.Tracer) or not jax.config.jax_threefry_partitionable:
         return sample(key, tuple(shape))
     size = math.prod(shape)
