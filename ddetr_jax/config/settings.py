@@ -22,6 +22,7 @@ for the defaults and their meaning):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from ddetr_jax.data import buckets as buckets_lib
 from ddetr_jax.data.buckets import BatchConfig
@@ -83,17 +84,13 @@ def _fields(cls, values: dict, where: str) -> dict:
     return values
 
 
-def _positive(name: str, value) -> int:
-    if int(value) < 1:
-        raise ValueError(f"config.{name} must be >= 1, got {value}")
+def _at_least(minimum: int, name: str, value) -> int:
+    if int(value) < minimum:
+        raise ValueError(f"config.{name} must be >= {minimum}, got {value}")
     return int(value)
 
 
-def _count(name: str, value) -> int:
-    """A count that may be 0 (worker processes, reader threads)."""
-    if int(value) < 0:
-        raise ValueError(f"config.{name} must be >= 0, got {value}")
-    return int(value)
+_positive = functools.partial(_at_least, 1)
 
 
 def model_config(config) -> ModelConfig:
@@ -147,7 +144,7 @@ def data_settings(config) -> DataSettings:
     d = config.data
     synthetic = synthetic_settings(d)
     return DataSettings(str(d.name), str(d.data_dir), str(d.train_split), str(d.eval_split),
-                        synthetic, *(_count(f"data.{name}", d[name])
+                        synthetic, *(_at_least(0, f"data.{name}", d[name])
                                      for name in ("num_workers", "num_threads", "prefetch")))
 
 
