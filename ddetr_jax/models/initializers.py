@@ -37,16 +37,11 @@ def _draw(sample, key, shape):
     return np.asarray(sample(key, (block,)))[:size].reshape(shape)
 
 
-def zeros(key, shape, dtype=jnp.float32) -> jax.Array:
-    return jax.device_put(np.zeros(shape, dtype))
-
-
-def ones(key, shape, dtype=jnp.float32) -> jax.Array:
-    return jax.device_put(np.ones(shape, dtype))
-
-
 def constant(value: float):
     return lambda key, shape, dtype=jnp.float32: jax.device_put(np.full(shape, value, dtype))
+
+
+zeros, ones = constant(0.0), constant(1.0)
 
 
 def normal(stddev: float = 1.0):
