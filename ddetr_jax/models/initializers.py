@@ -5,10 +5,10 @@ The same values as jax.nn.initializers (flax's), bit for bit. Those draw
 per shape (and one more per shape for the scaling, the zeros and the layer
 stacking): building the quickstart model compiled 84 programs, 6.5 s of its
 7.6 s on a 2-core CPU, at every start with a cold cache and in every fresh
-notebook (now 13 programs, 1.2-1.6 s). These draw a block of at least MIN_BLOCK values with the same key
-and keep its first prod(shape): with JAX's partitionable threefry (its
-default) value i depends only on the key and i, so the prefix is the array
-the eager draw gives. Normal draws are scaled by JAX's own initialiser (on
+notebook (now 13 programs, 1.2-1.6 s). These draw a block of at least
+MIN_BLOCK values with the same key and keep its first prod(shape): with JAX's
+partitionable threefry (its default) value i depends only on the key and i,
+so the prefix is the array the eager draw gives. Normal draws are scaled by JAX's own initialiser (on
 the block), uniform ones on the host by the same float32 operation as
 JAX's; zeros and constants are made on the host.
 
